@@ -1,0 +1,291 @@
+"""`attention(query, key, value, ...)`: validate once, pick a kernel, run it.
+
+Tensors are (batch, heads, seq, head_dim), as torch SDPA. Everything a caller can get wrong
+is checked here, before any work, with a message naming the argument; kernels receive a
+`Request` they can trust.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, overload
+
+import torch
+from torch import Tensor
+
+from . import masks as masks_lib
+from .kernels import KERNELS, Request
+from .masks import Mask
+
+CausalArg = bool | Literal["top-left", "bottom-right"]
+KernelArg = Literal["auto", "reference", "sdpa"]
+
+__all__ = ["attention", "explain", "select_kernel"]
+
+
+def _check_qkv(query: object, key: object, value: object) -> tuple[Tensor, Tensor, Tensor]:
+    for name, tensor in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if not tensor.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
+        if tensor.ndim != 4:
+            raise ValueError(
+                f"{name} must be 4-D (batch, heads, seq, head_dim), got shape {tuple(tensor.shape)}"
+            )
+    assert isinstance(query, Tensor) and isinstance(key, Tensor) and isinstance(value, Tensor)
+    for name, tensor in (("key", key), ("value", value)):
+        if tensor.dtype != query.dtype:
+            raise TypeError(f"{name} has dtype {tensor.dtype} but query has {query.dtype}")
+        if tensor.device != query.device:
+            raise ValueError(f"{name} is on {tensor.device} but query is on {query.device}")
+        if tensor.shape[0] != query.shape[0]:
+            raise ValueError(
+                f"{name} has batch size {tensor.shape[0]} but query has {query.shape[0]}"
+            )
+    batch, heads, _, head_dim = query.shape
+    if heads == 0:
+        raise ValueError("query has 0 heads; at least one is needed")
+    if key.shape[-1] != head_dim:
+        raise ValueError(f"key has head_dim {key.shape[-1]} but query has head_dim {head_dim}")
+    if key.shape[1] != value.shape[1]:
+        raise ValueError(f"key has {key.shape[1]} heads but value has {value.shape[1]}")
+    if key.shape[2] != value.shape[2]:
+        raise ValueError(
+            f"key has {key.shape[2]} positions but value has {value.shape[2]}; they must match"
+        )
+    kv_heads = key.shape[1]
+    if kv_heads == 0 or heads % kv_heads != 0:
+        raise ValueError(
+            f"key/value have {kv_heads} heads, which must divide the query's {heads} heads "
+            "(grouped-query attention)"
+        )
+    return query, key, value
+
+
+def _check_mask(mask: object, query: Tensor, key: Tensor) -> Tensor | None:
+    """Return the mask as a dense tensor of shape (batch|1, heads|1, q_len, k_len)."""
+    if mask is None:
+        return None
+    batch, heads, q_len, _ = query.shape
+    k_len = key.shape[2]
+    if isinstance(mask, Mask):
+        if (mask.q_len, mask.k_len) != (q_len, k_len):
+            raise ValueError(
+                f"mask is {mask.q_len}x{mask.k_len} (q_len x k_len) but the inputs are "
+                f"{q_len}x{k_len}"
+            )
+        if mask.batch is not None and mask.batch != batch:
+            raise ValueError(f"mask was built for batch size {mask.batch} but query has {batch}")
+        return mask.to_dense(query.device)
+    if not isinstance(mask, Tensor):
+        raise TypeError(
+            f"mask must be a multihead Mask or a torch.Tensor, got {type(mask).__name__}"
+        )
+    if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
+        raise TypeError(
+            f"mask must be bool (True = may attend) or floating (additive bias), got {mask.dtype}"
+        )
+    if mask.device != query.device:
+        raise ValueError(f"mask is on {mask.device} but query is on {query.device}")
+    if mask.ndim == 2:
+        mask = mask.view(1, 1, *mask.shape)
+    if mask.ndim != 4:
+        raise ValueError(
+            "mask must be 2-D (q_len, k_len) or 4-D (batch|1, heads|1, q_len, k_len), "
+            f"got shape {tuple(mask.shape)}"
+        )
+    expected = (batch, heads, q_len, k_len)
+    ok = (
+        mask.shape[0] in (1, batch)
+        and mask.shape[1] in (1, heads)
+        and tuple(mask.shape[2:]) == (q_len, k_len)
+    )
+    if not ok:
+        raise ValueError(
+            f"mask has shape {tuple(mask.shape)}, which is not broadcastable to "
+            f"(batch, heads, q_len, k_len) = {expected} without guessing"
+        )
+    return mask
+
+
+def _causal_alignment(causal: object) -> str | None:
+    if causal is False or causal is None:
+        return None
+    if causal is True:
+        return "top-left"
+    if causal in masks_lib.ALIGNMENTS:
+        return str(causal)
+    raise ValueError(f"causal must be True, False, 'top-left' or 'bottom-right', got {causal!r}")
+
+
+def _merge(mask: Tensor | None, causal_mask: Tensor) -> Tensor:
+    """Combine a dense mask with a causal one (both True/finite = may attend)."""
+    if mask is None:
+        return causal_mask
+    if mask.dtype == torch.bool:
+        return mask & causal_mask
+    return mask.masked_fill(~causal_mask, -torch.inf)
+
+
+def _request(
+    query: object,
+    key: object,
+    value: object,
+    mask: object,
+    causal: object,
+    scale: object,
+    dropout_p: object,
+    softcap: object,
+    return_weights: bool,
+) -> Request:
+    query, key, value = _check_qkv(query, key, value)
+    dense = _check_mask(mask, query, key)
+    align = _causal_alignment(causal)
+    if scale is not None and (not isinstance(scale, int | float) or not scale > 0):
+        raise ValueError(f"scale must be a positive number or None, got {scale!r}")
+    if not isinstance(dropout_p, int | float) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    if softcap is not None and (not isinstance(softcap, int | float) or not softcap > 0):
+        raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
+
+    q_len, k_len = query.shape[2], key.shape[2]
+    is_causal = False
+    if align is not None:
+        # Bottom-right equals top-left when the lengths agree; then the fast path applies.
+        if dense is None and (align == "top-left" or q_len == k_len):
+            is_causal = True
+        else:
+            causal_dense = masks_lib.causal(q_len, k_len, align).to_dense(query.device)
+            dense = _merge(dense, causal_dense)
+    return Request(
+        query=query,
+        key=key,
+        value=value,
+        mask=dense,
+        is_causal=is_causal,
+        scale=float(scale) if scale is not None else 1.0 / math.sqrt(query.shape[-1]),
+        dropout_p=float(dropout_p),
+        softcap=float(softcap) if softcap is not None else None,
+        return_weights=return_weights,
+    )
+
+
+def select_kernel(request: Request, kernel: str = "auto"):
+    """The kernel module that will run ``request``; raises if an explicit choice cannot."""
+    if kernel == "auto":
+        for module in KERNELS.values():
+            if module.unsupported(request) is None:
+                return module
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be 'auto' or one of {sorted(KERNELS)}, got {kernel!r}")
+    module = KERNELS[kernel]
+    reason = module.unsupported(request)
+    if reason is not None:
+        raise ValueError(f"kernel {kernel!r} cannot run this call: {reason}")
+    return module
+
+
+@overload
+def attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    *,
+    mask: Mask | Tensor | None = ...,
+    causal: CausalArg = ...,
+    scale: float | None = ...,
+    dropout_p: float = ...,
+    softcap: float | None = ...,
+    return_weights: Literal[False] = ...,
+    kernel: KernelArg = ...,
+) -> Tensor: ...
+
+
+@overload
+def attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    *,
+    mask: Mask | Tensor | None = ...,
+    causal: CausalArg = ...,
+    scale: float | None = ...,
+    dropout_p: float = ...,
+    softcap: float | None = ...,
+    return_weights: Literal[True],
+    kernel: KernelArg = ...,
+) -> tuple[Tensor, Tensor]: ...
+
+
+def attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    *,
+    mask: Mask | Tensor | None = None,
+    causal: CausalArg = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    softcap: float | None = None,
+    return_weights: bool = False,
+    kernel: KernelArg = "auto",
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Multi-head scaled dot-product attention: softmax(Q Kᵀ · scale) V per head.
+
+    Args:
+        query: (batch, heads, q_len, head_dim).
+        key, value: (batch, kv_heads, k_len, head_dim / value_dim); kv_heads divides
+            heads (grouped-query attention; no copies are made).
+        mask: a `Mask`, or a tensor broadcastable to (batch, heads, q_len, k_len):
+            bool True = may attend, or float = additive bias.
+        causal: True / "top-left" (query i sees keys 0..i) or "bottom-right" (the last
+            query sees every key: decoding after a cache). Combined with ``mask``.
+        scale: score scale, default 1/sqrt(head_dim).
+        dropout_p: dropout on the attention weights (pass 0 at evaluation).
+        softcap: if set, scores become softcap·tanh(scores/softcap).
+        return_weights: also return the weights (batch, heads, q_len, k_len).
+        kernel: "auto" (fastest that supports the call), "sdpa" or "reference".
+
+    A query with no visible key gets output 0 and weights 0 (never NaN).
+    """
+    request = _request(query, key, value, mask, causal, scale, dropout_p, softcap, return_weights)
+    if request.k_len == 0:  # nothing to attend to: every row is fully masked
+        output = request.query.new_zeros(*request.query.shape[:3], request.value.shape[-1])
+        weights = request.query.new_zeros(*request.query.shape[:3], 0)
+        return (output, weights) if return_weights else output
+    output, weights = select_kernel(request, kernel).forward(request)
+    if return_weights:
+        assert weights is not None
+        return output, weights
+    return output
+
+
+def explain(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    *,
+    mask: Mask | Tensor | None = None,
+    causal: CausalArg = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    softcap: float | None = None,
+    return_weights: bool = False,
+    kernel: KernelArg = "auto",
+) -> str:
+    """One line: which kernel `attention` runs for these arguments, and why."""
+    request = _request(query, key, value, mask, causal, scale, dropout_p, softcap, return_weights)
+    if request.k_len == 0:
+        return "none: the keys are empty, so the output is zeros"
+    chosen = select_kernel(request, kernel)
+    line = chosen.explain(request)
+    if kernel == "auto":
+        skipped = [
+            f"{name} skipped: {module.unsupported(request)}"
+            for name, module in KERNELS.items()
+            if module is not chosen and module.unsupported(request) is not None
+        ]
+        if skipped:
+            line += " [" + "; ".join(skipped) + "]"
+    return line

@@ -1,0 +1,97 @@
+"""The textbook kernel: softmax(Q Kᵀ / sqrt(d_k)) V, one named step at a time.
+
+It builds the whole (q_len × k_len) score matrix, so it can return the attention weights,
+and it runs in any floating dtype: in float64 it is the oracle every other kernel is
+tested against. Half-precision inputs are computed in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import Request
+
+NAME = "reference"
+
+
+def unsupported(request: Request) -> str | None:
+    """Every request is supported: this is the fallback and the oracle."""
+    return None
+
+
+def causal_mask(q_len: int, k_len: int, device: torch.device) -> Tensor:
+    """Top-left causal: query i sees keys 0..i."""
+    return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril()
+
+
+def softmax(scores: Tensor) -> Tensor:
+    """Softmax over keys where a row with no visible key gives weights 0, not NaN.
+
+    Empty rows are replaced by zeros before the softmax (so its backward stays finite)
+    and their weights are set to 0 after it.
+    """
+    empty_rows = scores.amax(dim=-1, keepdim=True) == float("-inf")
+    if not bool(empty_rows.any()):
+        return torch.softmax(scores, dim=-1)
+    weights = torch.softmax(scores.masked_fill(empty_rows, 0.0), dim=-1)
+    return weights.masked_fill(empty_rows, 0.0)
+
+
+def _group_heads(tensor: Tensor, num_kv_heads: int) -> Tensor:
+    """(batch|1, heads|1, ...) → (batch|1, kv_heads|1, groups|1, ...) without copying."""
+    if tensor.shape[1] == 1:
+        return tensor.unsqueeze(2)
+    return tensor.unflatten(1, (num_kv_heads, -1))
+
+
+def forward(request: Request) -> tuple[Tensor, Tensor | None]:
+    """Returns the output (batch, heads, q_len, value_dim) and the weights (batch, heads, q_len, k_len)."""
+    query, key, value = request.query, request.key, request.value
+    compute = torch.float64 if query.dtype == torch.float64 else torch.float32
+    num_kv_heads = request.num_kv_heads
+
+    # Grouped-query attention: each key/value head serves a group of query heads.
+    # Viewing the query heads as (kv_heads, group) lets matmul broadcast instead of copy.
+    q = _group_heads(query.to(compute), num_kv_heads)  # (B, Hkv, G, Q, D)
+    k = key.to(compute).unsqueeze(2)  # (B, Hkv, 1, K, D)
+    v = value.to(compute).unsqueeze(2)  # (B, Hkv, 1, K, Dv)
+
+    # 1. Scores: how well each query matches each key, scaled by 1/sqrt(d_k).
+    scores = (q * request.scale) @ k.transpose(-2, -1)  # (B, Hkv, G, Q, K)
+    if request.softcap is not None:
+        scores = request.softcap * torch.tanh(scores / request.softcap)
+
+    # 2. Mask: keys a query may not see get -inf (a float mask is added as a bias).
+    if request.is_causal:
+        scores = scores.masked_fill(
+            ~causal_mask(request.q_len, request.k_len, q.device), -torch.inf
+        )
+    if request.mask is not None:
+        mask = _group_heads(request.mask, num_kv_heads)
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, -torch.inf)
+        else:
+            scores = scores + mask.to(compute)
+
+    # 3. Softmax: each query's scores become weights that sum to 1.
+    weights = softmax(scores)
+    attended = weights
+    if request.dropout_p > 0.0:
+        attended = F.dropout(weights, p=request.dropout_p, training=True)
+
+    # 4. Weighted sum of the values.
+    output = (attended @ v).flatten(1, 2).to(query.dtype)  # (B, H, Q, Dv)
+    weights_out = weights.flatten(1, 2) if request.return_weights else None
+    return output, weights_out
+
+
+def explain(request: Request) -> str:
+    why = []
+    if request.return_weights:
+        why.append("the attention weights were requested")
+    if request.softcap is not None:
+        why.append("logit soft-capping needs the scores")
+    reason = " and ".join(why) or "chosen explicitly"
+    return f"reference: the textbook formula with the full score matrix ({reason})"

@@ -1,0 +1,253 @@
+"""Attention masks: one type, one polarity.
+
+A `Mask` says which keys each query may see: boolean **True = may attend**. It is stored
+as a small function of positions (as FlexAttention's ``mask_mod``) rather than an N×N
+tensor, so masks compose with ``&`` and ``|`` for free, a dense tensor is built only when a
+kernel asks for one, and a kernel can ask which tiles are empty, full or partial without
+ever holding the whole matrix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "EMPTY",
+    "FULL",
+    "PARTIAL",
+    "Mask",
+    "causal",
+    "documents",
+    "padding",
+    "sliding_window",
+]
+
+# (batch_idx (B,1,1), q_idx (1,Q,1), k_idx (1,1,K)) -> bool, broadcast to (B|1, Q, K).
+MaskMod = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+EMPTY, PARTIAL, FULL = 0, 1, 2
+ALIGNMENTS = ("top-left", "bottom-right")
+
+
+@dataclass(frozen=True)
+class Mask:
+    """Which keys each query may attend to, as a function of positions.
+
+    ``batch`` is None when the mask is the same for every batch element (causal, sliding
+    window), else the batch size it was built for (padding, documents).
+    """
+
+    q_len: int
+    k_len: int
+    mask_mod: MaskMod
+    name: str
+    batch: int | None = None
+    device: torch.device | None = None
+
+    # -- algebra ---------------------------------------------------------------------------
+    def _combine(self, other: Mask, op: str) -> Mask:
+        if not isinstance(other, Mask):
+            raise TypeError(f"can only combine a Mask with a Mask, got {type(other).__name__}")
+        if (self.q_len, self.k_len) != (other.q_len, other.k_len):
+            raise ValueError(
+                f"cannot combine masks of different sizes: {self.name} is "
+                f"{self.q_len}x{self.k_len}, {other.name} is {other.q_len}x{other.k_len}"
+            )
+        if self.batch is not None and other.batch is not None and self.batch != other.batch:
+            raise ValueError(
+                f"cannot combine masks built for different batch sizes: {self.name} has "
+                f"{self.batch}, {other.name} has {other.batch}"
+            )
+        first, second = self.mask_mod, other.mask_mod
+        if op == "&":
+
+            def mod(b: Tensor, q: Tensor, k: Tensor) -> Tensor:
+                return first(b, q, k) & second(b, q, k)
+        else:
+
+            def mod(b: Tensor, q: Tensor, k: Tensor) -> Tensor:
+                return first(b, q, k) | second(b, q, k)
+
+        return Mask(
+            q_len=self.q_len,
+            k_len=self.k_len,
+            mask_mod=mod,
+            name=f"({self.name} {op} {other.name})",
+            batch=self.batch if self.batch is not None else other.batch,
+            device=self.device or other.device,
+        )
+
+    def __and__(self, other: Mask) -> Mask:
+        return self._combine(other, "&")
+
+    def __or__(self, other: Mask) -> Mask:
+        return self._combine(other, "|")
+
+    def __invert__(self) -> Mask:
+        mod = self.mask_mod
+        return Mask(
+            self.q_len,
+            self.k_len,
+            lambda b, q, k: ~mod(b, q, k),
+            f"~{self.name}",
+            self.batch,
+            self.device,
+        )
+
+    # -- materialising ---------------------------------------------------------------------
+    def _indices(
+        self, q_start: int, q_stop: int, k_start: int, k_stop: int, device: torch.device | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        device = device or self.device
+        b = torch.arange(self.batch or 1, device=device).view(-1, 1, 1)
+        q = torch.arange(q_start, q_stop, device=device).view(1, -1, 1)
+        k = torch.arange(k_start, k_stop, device=device).view(1, 1, -1)
+        return b, q, k
+
+    def to_dense(self, device: torch.device | str | None = None) -> Tensor:
+        """The boolean tensor of shape (batch|1, 1, q_len, k_len); True = may attend."""
+        device = torch.device(device) if device is not None else None
+        b, q, k = self._indices(0, self.q_len, 0, self.k_len, device)
+        dense = self.mask_mod(b, q, k).expand(b.shape[0], self.q_len, self.k_len)
+        return dense.unsqueeze(1)
+
+    def block_structure(self, block_q: int, block_k: int) -> Tensor:
+        """Classify each (block_q × block_k) tile as EMPTY, PARTIAL or FULL.
+
+        Returns an int8 tensor of shape (batch|1, ceil(q_len/block_q), ceil(k_len/block_k)).
+        Built one query block at a time, so it never holds the whole N×N mask; a kernel skips
+        EMPTY tiles and drops the mask on FULL ones.
+        """
+        if block_q <= 0 or block_k <= 0:
+            raise ValueError(f"block sizes must be positive, got {block_q} and {block_k}")
+        n_q = -(-self.q_len // block_q)
+        n_k = -(-self.k_len // block_k)
+        out = torch.empty(self.batch or 1, n_q, n_k, dtype=torch.int8, device=self.device)
+        pad_k = n_k * block_k - self.k_len
+        for i in range(n_q):
+            q0, q1 = i * block_q, min((i + 1) * block_q, self.q_len)
+            b, q, k = self._indices(q0, q1, 0, self.k_len, None)
+            rows = self.mask_mod(b, q, k).expand(b.shape[0], q1 - q0, self.k_len)
+            # Padding past k_len is neither allowed nor blocked: count it as both.
+            allowed = torch.nn.functional.pad(rows, (0, pad_k), value=True)
+            blocked = torch.nn.functional.pad(~rows, (0, pad_k), value=True)
+            tiles_any = (~blocked).reshape(b.shape[0], q1 - q0, n_k, block_k).any(-1).any(1)
+            tiles_all = allowed.reshape(b.shape[0], q1 - q0, n_k, block_k).all(-1).all(1)
+            out[:, i] = torch.where(
+                tiles_all,
+                FULL,
+                torch.where(tiles_any, PARTIAL, EMPTY),
+            ).to(torch.int8)
+        return out
+
+    def __repr__(self) -> str:
+        batch = f", batch={self.batch}" if self.batch is not None else ""
+        return f"Mask({self.name}, {self.q_len}x{self.k_len}{batch})"
+
+
+def _check_len(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+
+
+def causal(q_len: int, k_len: int | None = None, align: str = "top-left") -> Mask:
+    """Each query sees only keys at or before its own position.
+
+    ``top-left``: query i sees keys 0..i (training, q_len == k_len).
+    ``bottom-right``: the last query sees every key; query i sees keys
+    0..i + (k_len - q_len) (decoding new queries after a cache of earlier keys).
+    """
+    k_len = q_len if k_len is None else k_len
+    _check_len("q_len", q_len)
+    _check_len("k_len", k_len)
+    if align not in ALIGNMENTS:
+        raise ValueError(f"align must be one of {ALIGNMENTS}, got {align!r}")
+    offset = 0 if align == "top-left" else k_len - q_len
+    return Mask(
+        q_len,
+        k_len,
+        lambda b, q, k: k <= q + offset,
+        "causal" if align == "top-left" else "causal(bottom-right)",
+    )
+
+
+def sliding_window(
+    q_len: int, k_len: int | None = None, window: int = 256, align: str = "top-left"
+) -> Mask:
+    """Causal attention to the last ``window`` keys only (the query's own key included)."""
+    k_len = q_len if k_len is None else k_len
+    _check_len("window", window)
+    if window == 0:
+        raise ValueError("window must be >= 1, got 0")
+    causal(q_len, k_len, align)  # validates the lengths and the alignment
+    offset = 0 if align == "top-left" else k_len - q_len
+    return Mask(
+        q_len,
+        k_len,
+        lambda b, q, k: (k <= q + offset) & (k > q + offset - window),
+        f"sliding_window({window})",
+    )
+
+
+def padding(
+    lengths: Tensor | list[int], max_len: int | None = None, q_len: int | None = None
+) -> Mask:
+    """Key padding: in batch element b only the first ``lengths[b]`` keys are real.
+
+    ``q_len`` defaults to ``max_len`` (self-attention over the same padded batch).
+    """
+    lengths = torch.as_tensor(lengths)
+    if lengths.ndim != 1:
+        raise ValueError(f"lengths must be 1-D (batch,), got shape {tuple(lengths.shape)}")
+    if lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
+        raise TypeError(f"lengths must be an integer tensor, got {lengths.dtype}")
+    if lengths.numel() and int(lengths.min()) < 0:
+        raise ValueError(f"lengths must be >= 0, got {lengths.tolist()}")
+    longest = int(lengths.max()) if lengths.numel() else 0
+    max_len = longest if max_len is None else max_len
+    _check_len("max_len", max_len)
+    if longest > max_len:
+        raise ValueError(f"lengths must be <= max_len={max_len}, got a length of {longest}")
+    q_len = max_len if q_len is None else q_len
+    _check_len("q_len", q_len)
+    return Mask(
+        q_len,
+        max_len,
+        lambda b, q, k: k < lengths.to(k.device)[b],
+        "padding",
+        batch=lengths.numel(),
+        device=lengths.device,
+    )
+
+
+def documents(doc_ids: Tensor | list[int] | list[list[int]]) -> Mask:
+    """Block-diagonal mask for packed sequences: a token sees only tokens of its document.
+
+    ``doc_ids`` is (seq,) or (batch, seq): the document each position belongs to.
+    Combine with ``causal`` for packed causal language modelling.
+    """
+    ids = torch.as_tensor(doc_ids)
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise TypeError(f"doc_ids must be an integer tensor, got {ids.dtype}")
+    if ids.ndim == 1:
+        batch = None
+        ids = ids.unsqueeze(0)
+    elif ids.ndim == 2:
+        batch = ids.shape[0]
+    else:
+        raise ValueError(f"doc_ids must be (seq,) or (batch, seq), got shape {tuple(ids.shape)}")
+    seq = ids.shape[1]
+
+    def mod(b: Tensor, q: Tensor, k: Tensor) -> Tensor:
+        table = ids.to(q.device)  # (batch|1, seq)
+        if batch is not None:
+            table = table[b.view(-1)]
+        return table[:, q.view(-1)].unsqueeze(-1) == table[:, k.view(-1)].unsqueeze(-2)
+
+    return Mask(seq, seq, mod, "documents", batch=batch, device=ids.device)

@@ -1,0 +1,251 @@
+"""`MultiHeadAttention`: project to heads, attend, concatenate, project back.
+
+Input and output are (batch, seq, embed_dim). The heads split embed_dim into
+num_heads × head_dim; with ``num_kv_heads`` < num_heads the keys and values have fewer heads
+(grouped-query attention), each shared by a group of query heads.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, overload
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .functional import CausalArg, attention
+from .masks import Mask
+
+NeedWeights = Literal[False, "mean", "per_head"]
+
+__all__ = ["MultiHeadAttention"]
+
+
+def _check_positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+    return value
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention (Vaswani et al., 2017) with GQA, QK-norm and soft-capping.
+
+    Args:
+        embed_dim: model width d_model; must be divisible by ``num_heads``.
+        num_heads: number of query heads; head_dim = embed_dim // num_heads.
+        num_kv_heads: key/value heads (a divisor of num_heads); default num_heads.
+        kdim, vdim: feature sizes of key and value inputs when they differ from embed_dim.
+        bias: biases on the projections.
+        dropout: dropout on the attention weights while training.
+        qk_norm: RMSNorm on each head's queries and keys (stabilises large logits).
+        softcap: logits become softcap·tanh(logits/softcap).
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        *,
+        num_kv_heads: int | None = None,
+        kdim: int | None = None,
+        vdim: int | None = None,
+        bias: bool = True,
+        dropout: float = 0.0,
+        qk_norm: bool = False,
+        softcap: float | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        _check_positive_int("embed_dim", embed_dim)
+        _check_positive_int("num_heads", num_heads)
+        if embed_dim % num_heads != 0:
+            raise ValueError(
+                f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads}): "
+                f"each head gets embed_dim / num_heads features"
+            )
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        _check_positive_int("num_kv_heads", num_kv_heads)
+        if num_heads % num_kv_heads != 0:
+            raise ValueError(f"num_kv_heads ({num_kv_heads}) must divide num_heads ({num_heads})")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if softcap is not None and not softcap > 0:
+            raise ValueError(f"softcap must be positive or None, got {softcap}")
+        self.kdim = embed_dim if kdim is None else _check_positive_int("kdim", kdim)
+        self.vdim = embed_dim if vdim is None else _check_positive_int("vdim", vdim)
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = embed_dim // num_heads
+        self.dropout = dropout
+        self.softcap = softcap
+        kv_dim = num_kv_heads * self.head_dim
+        factory = {"device": device, "dtype": dtype}
+
+        # One fused projection when queries, keys and values share a width: self-attention
+        # then costs a single matmul. Otherwise one projection each.
+        self.fused = self.kdim == embed_dim and self.vdim == embed_dim
+        if self.fused:
+            self.in_proj = nn.Linear(embed_dim, embed_dim + 2 * kv_dim, bias=bias, **factory)
+        else:
+            self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+            self.k_proj = nn.Linear(self.kdim, kv_dim, bias=bias, **factory)
+            self.v_proj = nn.Linear(self.vdim, kv_dim, bias=bias, **factory)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        self.q_norm = nn.RMSNorm(self.head_dim, **factory) if qk_norm else None
+        self.k_norm = nn.RMSNorm(self.head_dim, **factory) if qk_norm else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """As torch.nn.MultiheadAttention: xavier-uniform input projections, zero biases."""
+        projections = [self.in_proj] if self.fused else [self.q_proj, self.k_proj, self.v_proj]
+        for linear in projections:
+            nn.init.xavier_uniform_(linear.weight)
+            if linear.bias is not None:
+                nn.init.zeros_(linear.bias)
+        if self.out_proj.bias is not None:
+            nn.init.zeros_(self.out_proj.bias)
+
+    # -- projections -------------------------------------------------------------------------
+    def _project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if not self.fused:
+            return self.q_proj(query), self.k_proj(key), self.v_proj(value)
+        e, kv = self.embed_dim, self.num_kv_heads * self.head_dim
+        weight, bias = self.in_proj.weight, self.in_proj.bias
+        if query is key and key is value:  # self-attention: one matmul
+            return F.linear(query, weight, bias).split([e, kv, kv], dim=-1)
+
+        def part(start: int, stop: int) -> tuple[Tensor, Tensor | None]:
+            return weight[start:stop], None if bias is None else bias[start:stop]
+
+        q = F.linear(query, *part(0, e))
+        if key is value:  # cross-attention over one memory: keys and values in one matmul
+            k, v = F.linear(key, *part(e, e + 2 * kv)).split([kv, kv], dim=-1)
+            return q, k, v
+        return q, F.linear(key, *part(e, e + kv)), F.linear(value, *part(e + kv, e + 2 * kv))
+
+    def split_heads(self, x: Tensor, num_heads: int) -> Tensor:
+        """(batch, seq, heads·head_dim) → (batch, heads, seq, head_dim)."""
+        return x.unflatten(-1, (num_heads, self.head_dim)).transpose(1, 2)
+
+    @staticmethod
+    def merge_heads(x: Tensor) -> Tensor:
+        """(batch, heads, seq, head_dim) → (batch, seq, heads·head_dim): concatenate heads."""
+        return x.transpose(1, 2).flatten(2)
+
+    def _check_inputs(self, query: object, key: object, value: object) -> None:
+        for name, x, width in (
+            ("query", query, self.embed_dim),
+            ("key", key, self.kdim),
+            ("value", value, self.vdim),
+        ):
+            if not isinstance(x, Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+            if x.ndim != 3:
+                raise ValueError(
+                    f"{name} must be 3-D (batch, seq, features), got shape {tuple(x.shape)}"
+                )
+            if x.shape[-1] != width:
+                raise ValueError(f"{name} has {x.shape[-1]} features but the layer expects {width}")
+        assert isinstance(query, Tensor) and isinstance(key, Tensor) and isinstance(value, Tensor)
+        if not (query.shape[0] == key.shape[0] == value.shape[0]):
+            raise ValueError(
+                f"batch sizes differ: query {query.shape[0]}, key {key.shape[0]}, "
+                f"value {value.shape[0]}"
+            )
+        if key.shape[1] != value.shape[1]:
+            raise ValueError(
+                f"key has {key.shape[1]} positions but value has {value.shape[1]}; they must match"
+            )
+
+    # -- forward ------------------------------------------------------------------------------
+    @overload
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor | None = ...,
+        value: Tensor | None = ...,
+        *,
+        mask: Mask | Tensor | None = ...,
+        causal: CausalArg = ...,
+        need_weights: Literal[False] = ...,
+    ) -> Tensor: ...
+
+    @overload
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor | None = ...,
+        value: Tensor | None = ...,
+        *,
+        mask: Mask | Tensor | None = ...,
+        causal: CausalArg = ...,
+        need_weights: Literal["mean", "per_head"],
+    ) -> tuple[Tensor, Tensor]: ...
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor | None = None,
+        value: Tensor | None = None,
+        *,
+        mask: Mask | Tensor | None = None,
+        causal: CausalArg = False,
+        need_weights: NeedWeights = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Attend from ``query`` to ``key``/``value`` (default: to itself).
+
+        Args:
+            query: (batch, q_len, embed_dim).
+            key, value: (batch, k_len, kdim / vdim); ``value`` defaults to ``key`` and
+                ``key`` to ``query`` (self-attention).
+            mask: `Mask` or tensor broadcastable to (batch, heads, q_len, k_len),
+                True = may attend, float = additive bias.
+            causal: True / "top-left" or "bottom-right" (see `multihead.attention`).
+            need_weights: False, "mean" (batch, q_len, k_len) or "per_head"
+                (batch, heads, q_len, k_len).
+
+        Returns the output (batch, q_len, embed_dim), and the weights if asked for.
+        """
+        if need_weights not in (False, "mean", "per_head"):
+            raise ValueError(
+                f"need_weights must be False, 'mean' or 'per_head', got {need_weights!r}"
+            )
+        key = query if key is None else key
+        value = key if value is None else value
+        self._check_inputs(query, key, value)
+
+        q, k, v = self._project(query, key, value)
+        q = self.split_heads(q, self.num_heads)
+        k = self.split_heads(k, self.num_kv_heads)
+        v = self.split_heads(v, self.num_kv_heads)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+
+        result = attention(
+            q,
+            k,
+            v,
+            mask=mask,
+            causal=causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            softcap=self.softcap,
+            return_weights=bool(need_weights),
+        )
+        if not need_weights:
+            assert isinstance(result, Tensor)
+            return self.out_proj(self.merge_heads(result))
+        heads, weights = result
+        output = self.out_proj(self.merge_heads(heads))
+        return output, weights.mean(dim=1) if need_weights == "mean" else weights
+
+    def extra_repr(self) -> str:
+        extra = f"embed_dim={self.embed_dim}, num_heads={self.num_heads}"
+        if self.num_kv_heads != self.num_heads:
+            extra += f", num_kv_heads={self.num_kv_heads}"
+        if self.softcap is not None:
+            extra += f", softcap={self.softcap}"
+        return extra
