@@ -4,11 +4,17 @@ Layout inside the library is (batch, heads, seq, head_dim); modules take
 (batch, seq, embed). Boolean masks mean True = may attend.
 """
 
-from . import masks
+from . import compat, masks
+from .cache import CrossAttentionCache, KVCache
 from .functional import attention, explain
 from .masks import Mask
+from .models import LMConfig, Seq2SeqConfig, Seq2SeqTransformer, TransformerLM
 from .multi_head_attention import MultiHeadAttention
+from .transformer import Decoder, DecoderLayer, Encoder, EncoderLayer
 
 __version__ = "0.1.0"
 
-__all__ = ["Mask", "MultiHeadAttention", "attention", "explain", "masks", "__version__"]
+__all__ = ["Mask", "MultiHeadAttention", "attention", "compat", "explain", "masks", "__version__"]
+__all__ += ["CrossAttentionCache", "KVCache"]
+__all__ += ["Decoder", "DecoderLayer", "Encoder", "EncoderLayer"]
+__all__ += ["LMConfig", "Seq2SeqConfig", "Seq2SeqTransformer", "TransformerLM"]

@@ -250,11 +250,12 @@ def attention(
     A query with no visible key gets output 0 and weights 0 (never NaN).
     """
     request = _request(query, key, value, mask, causal, scale, dropout_p, softcap, return_weights)
+    chosen = select_kernel(request, kernel)  # validates ``kernel`` even when keys are empty
     if request.k_len == 0:  # nothing to attend to: every row is fully masked
         output = request.query.new_zeros(*request.query.shape[:3], request.value.shape[-1])
         weights = request.query.new_zeros(*request.query.shape[:3], 0)
         return (output, weights) if return_weights else output
-    output, weights = select_kernel(request, kernel).forward(request)
+    output, weights = chosen.forward(request)
     if return_weights:
         assert weights is not None
         return output, weights
@@ -276,9 +277,9 @@ def explain(
 ) -> str:
     """One line: which kernel `attention` runs for these arguments, and why."""
     request = _request(query, key, value, mask, causal, scale, dropout_p, softcap, return_weights)
+    chosen = select_kernel(request, kernel)
     if request.k_len == 0:
         return "none: the keys are empty, so the output is zeros"
-    chosen = select_kernel(request, kernel)
     line = chosen.explain(request)
     if kernel == "auto":
         skipped = [

@@ -103,7 +103,7 @@ class Mask:
         self, q_start: int, q_stop: int, k_start: int, k_stop: int, device: torch.device | None
     ) -> tuple[Tensor, Tensor, Tensor]:
         device = device or self.device
-        b = torch.arange(self.batch or 1, device=device).view(-1, 1, 1)
+        b = torch.arange(1 if self.batch is None else self.batch, device=device).view(-1, 1, 1)
         q = torch.arange(q_start, q_stop, device=device).view(1, -1, 1)
         k = torch.arange(k_start, k_stop, device=device).view(1, 1, -1)
         return b, q, k
@@ -126,7 +126,8 @@ class Mask:
             raise ValueError(f"block sizes must be positive, got {block_q} and {block_k}")
         n_q = -(-self.q_len // block_q)
         n_k = -(-self.k_len // block_k)
-        out = torch.empty(self.batch or 1, n_q, n_k, dtype=torch.int8, device=self.device)
+        batch = 1 if self.batch is None else self.batch  # a batch of 0 stays 0
+        out = torch.empty(batch, n_q, n_k, dtype=torch.int8, device=self.device)
         pad_k = n_k * block_k - self.k_len
         for i in range(n_q):
             q0, q1 = i * block_q, min((i + 1) * block_q, self.q_len)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .cache import CrossAttentionCache, KVCache
 from .functional import CausalArg, attention
 from .masks import Mask
 
@@ -127,6 +128,83 @@ class MultiHeadAttention(nn.Module):
             return q, k, v
         return q, F.linear(key, *part(e, e + kv)), F.linear(value, *part(e + kv, e + 2 * kv))
 
+    def _project_query(self, query: Tensor) -> Tensor:
+        if not self.fused:
+            return self.q_proj(query)
+        e, bias = self.embed_dim, self.in_proj.bias
+        return F.linear(query, self.in_proj.weight[:e], None if bias is None else bias[:e])
+
+    def _project_key_value(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        if not self.fused:
+            return self.k_proj(key), self.v_proj(value)
+        e, kv = self.embed_dim, self.num_kv_heads * self.head_dim
+        weight, bias = self.in_proj.weight[e:], self.in_proj.bias
+        bias = None if bias is None else bias[e:]
+        if key is value:
+            k, v = F.linear(key, weight, bias).split([kv, kv], dim=-1)
+            return k, v
+        k_bias, v_bias = (None, None) if bias is None else (bias[:kv], bias[kv:])
+        return F.linear(key, weight[:kv], k_bias), F.linear(value, weight[kv:], v_bias)
+
+    def _cached_qkv(
+        self,
+        query: Tensor,
+        key: Tensor | None,
+        value: Tensor | None,
+        cache: KVCache | CrossAttentionCache,
+        causal: CausalArg,
+    ) -> tuple[Tensor, Tensor, Tensor, CausalArg]:
+        """Heads for a decoding step: project only what the cache does not hold yet."""
+        if isinstance(cache, KVCache):
+            if any(x is not None and x is not query for x in (key, value)):
+                raise ValueError("a KVCache is for self-attention: pass key=None and value=None")
+            if causal == "top-left":
+                raise ValueError(
+                    "causal='top-left' is wrong with a KVCache (the new queries come after the "
+                    "cached keys); pass causal=True or 'bottom-right'"
+                )
+            self._check_inputs(query, query, query)
+            q, k, v = self._project(query, query, query)
+            q = self.split_heads(q, self.num_heads)
+            k = self.split_heads(k, self.num_kv_heads)
+            v = self.split_heads(v, self.num_kv_heads)
+            if self.q_norm is not None and self.k_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            k, v = cache.append(k, v)
+            return q, k, v, "bottom-right" if causal else False
+        if not isinstance(cache, CrossAttentionCache):
+            raise TypeError(
+                "cache must be a KVCache, a CrossAttentionCache or None, "
+                f"got {type(cache).__name__}"
+            )
+        if cache.is_empty:
+            if key is None:
+                raise ValueError("an empty CrossAttentionCache needs key (the memory) to fill it")
+            value = key if value is None else value
+            self._check_inputs(query, key, value)
+            k, v = self._project_key_value(key, value)
+            k = self.split_heads(k, self.num_kv_heads)
+            v = self.split_heads(v, self.num_kv_heads)
+            if self.k_norm is not None:
+                k = self.k_norm(k)
+            cache.store(k, v)
+        assert cache.keys is not None and cache.values is not None
+        if not isinstance(query, Tensor):
+            raise TypeError(f"query must be a torch.Tensor, got {type(query).__name__}")
+        if query.ndim != 3 or query.shape[-1] != self.embed_dim:
+            raise ValueError(
+                f"query must be (batch, seq, {self.embed_dim}), got shape {tuple(query.shape)}"
+            )
+        if cache.keys.shape[0] != query.shape[0]:
+            raise ValueError(
+                f"query has batch size {query.shape[0]} but the CrossAttentionCache holds "
+                f"{cache.keys.shape[0]}"
+            )
+        q = self.split_heads(self._project_query(query), self.num_heads)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        return q, cache.keys, cache.values, causal
+
     def split_heads(self, x: Tensor, num_heads: int) -> Tensor:
         """(batch, seq, heads·head_dim) → (batch, heads, seq, head_dim)."""
         return x.unflatten(-1, (num_heads, self.head_dim)).transpose(1, 2)
@@ -172,6 +250,7 @@ class MultiHeadAttention(nn.Module):
         mask: Mask | Tensor | None = ...,
         causal: CausalArg = ...,
         need_weights: Literal[False] = ...,
+        cache: KVCache | CrossAttentionCache | None = ...,
     ) -> Tensor: ...
 
     @overload
@@ -184,6 +263,7 @@ class MultiHeadAttention(nn.Module):
         mask: Mask | Tensor | None = ...,
         causal: CausalArg = ...,
         need_weights: Literal["mean", "per_head"],
+        cache: KVCache | CrossAttentionCache | None = ...,
     ) -> tuple[Tensor, Tensor]: ...
 
     def forward(
@@ -195,6 +275,7 @@ class MultiHeadAttention(nn.Module):
         mask: Mask | Tensor | None = None,
         causal: CausalArg = False,
         need_weights: NeedWeights = False,
+        cache: KVCache | CrossAttentionCache | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Attend from ``query`` to ``key``/``value`` (default: to itself).
 
@@ -207,6 +288,11 @@ class MultiHeadAttention(nn.Module):
             causal: True / "top-left" or "bottom-right" (see `multihead.attention`).
             need_weights: False, "mean" (batch, q_len, k_len) or "per_head"
                 (batch, heads, q_len, k_len).
+            cache: for decoding. A `KVCache` (self-attention): only ``query``'s new tokens
+                are projected, their keys/values appended to the cache, and the queries attend
+                to every cached key; ``causal=True`` then means "bottom-right" and ``mask``
+                must cover (q_len, cached length). A `CrossAttentionCache`: ``key``/``value``
+                are projected on the first call and reused afterwards (pass the memory or None).
 
         Returns the output (batch, q_len, embed_dim), and the weights if asked for.
         """
@@ -214,16 +300,19 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(
                 f"need_weights must be False, 'mean' or 'per_head', got {need_weights!r}"
             )
-        key = query if key is None else key
-        value = key if value is None else value
-        self._check_inputs(query, key, value)
+        if cache is not None:
+            q, k, v, causal = self._cached_qkv(query, key, value, cache, causal)
+        else:
+            key = query if key is None else key
+            value = key if value is None else value
+            self._check_inputs(query, key, value)
 
-        q, k, v = self._project(query, key, value)
-        q = self.split_heads(q, self.num_heads)
-        k = self.split_heads(k, self.num_kv_heads)
-        v = self.split_heads(v, self.num_kv_heads)
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+            q, k, v = self._project(query, key, value)
+            q = self.split_heads(q, self.num_heads)
+            k = self.split_heads(k, self.num_kv_heads)
+            v = self.split_heads(v, self.num_kv_heads)
+            if self.q_norm is not None and self.k_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
 
         result = attention(
             q,

@@ -1,0 +1,142 @@
+"""Caches for decoding one token at a time.
+
+Without a cache, step t of generation recomputes the keys and values of all t earlier
+tokens (O(t²) work per sequence). `KVCache` keeps them: each step projects only the new
+token and appends its key and value. `CrossAttentionCache` holds the encoder memory's keys
+and values, which do not change while decoding, so they are projected once per source.
+
+Tensors are (batch, kv_heads, seq, head_dim), as everywhere inside the library.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["CrossAttentionCache", "KVCache"]
+
+
+class KVCache:
+    """One self-attention layer's keys and values so far, in preallocated buffers.
+
+    The buffers are (batch, kv_heads, max_len, head_dim) and are written in place, so
+    decoding allocates nothing per step; `append` returns views of the filled part.
+    """
+
+    def __init__(
+        self,
+        batch_size: int,
+        num_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        for name, value in (
+            ("batch_size", batch_size),
+            ("num_kv_heads", num_kv_heads),
+            ("max_len", max_len),
+            ("head_dim", head_dim),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        shape = (batch_size, num_kv_heads, max_len, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.keys.shape[2]
+
+    def append(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        """Write ``key``/``value`` (batch, kv_heads, new, head_dim) after the cached ones.
+
+        Returns the keys and values so far, (batch, kv_heads, length, head_dim), as views.
+        """
+        expected = (self.keys.shape[0], self.keys.shape[1], self.keys.shape[3])
+        for name, x in (("key", key), ("value", value)):
+            if not isinstance(x, Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+            if x.ndim != 4 or (x.shape[0], x.shape[1], x.shape[3]) != expected:
+                raise ValueError(
+                    f"{name} has shape {tuple(x.shape)} but the cache holds "
+                    f"(batch, kv_heads, seq, head_dim) = ({expected[0]}, {expected[1]}, seq, "
+                    f"{expected[2]})"
+                )
+        if key.shape[2] != value.shape[2]:
+            raise ValueError(f"key has {key.shape[2]} positions but value has {value.shape[2]}")
+        start, stop = self.length, self.length + key.shape[2]
+        if stop > self.max_len:
+            raise ValueError(
+                f"KV cache overflow: it holds {self.length} of max_len={self.max_len} positions "
+                f"and cannot take {key.shape[2]} more; build it with a larger max_len"
+            )
+        self.keys[:, :, start:stop] = key
+        self.values[:, :, start:stop] = value
+        self.length = stop
+        return self.keys[:, :, :stop], self.values[:, :, :stop]
+
+    def reorder(self, beam_indices: Tensor) -> None:
+        """Row i becomes old row ``beam_indices[i]`` (beam search keeps the best beams)."""
+        index = _check_index(beam_indices, self.keys.shape[0])
+        n = self.length
+        self.keys[:, :, :n] = self.keys[index, :, :n]
+        self.values[:, :, :n] = self.values[index, :, :n]
+
+    def reset(self) -> None:
+        """Forget everything (the buffers are kept for the next sequence)."""
+        self.length = 0
+
+    def __repr__(self) -> str:
+        b, h, m, d = self.keys.shape
+        return f"KVCache(batch={b}, kv_heads={h}, length={self.length}/{m}, head_dim={d})"
+
+
+class CrossAttentionCache:
+    """The encoder memory's keys and values for one cross-attention layer.
+
+    Empty when built; the first `MultiHeadAttention` call that gets it projects the memory
+    and stores the result, later calls reuse it and skip the key/value projections.
+    """
+
+    def __init__(self) -> None:
+        self.keys: Tensor | None = None
+        self.values: Tensor | None = None
+
+    @property
+    def is_empty(self) -> bool:
+        return self.keys is None
+
+    def store(self, key: Tensor, value: Tensor) -> None:
+        """Keep the projected memory, (batch, kv_heads, src_len, head_dim)."""
+        self.keys, self.values = key, value
+
+    def reorder(self, beam_indices: Tensor) -> None:
+        """Row i becomes old row ``beam_indices[i]``."""
+        if self.keys is None or self.values is None:
+            return
+        index = _check_index(beam_indices, self.keys.shape[0])
+        self.keys, self.values = self.keys[index], self.values[index]
+
+    def reset(self) -> None:
+        """Forget the memory (for a new source)."""
+        self.keys = self.values = None
+
+    def __repr__(self) -> str:
+        shape = None if self.keys is None else tuple(self.keys.shape)
+        return f"CrossAttentionCache({'empty' if shape is None else shape})"
+
+
+def _check_index(beam_indices: object, batch: int) -> Tensor:
+    if not isinstance(beam_indices, Tensor):
+        raise TypeError(f"beam_indices must be a torch.Tensor, got {type(beam_indices).__name__}")
+    if beam_indices.dtype.is_floating_point or beam_indices.dtype == torch.bool:
+        raise TypeError(f"beam_indices must be an integer tensor, got {beam_indices.dtype}")
+    if beam_indices.shape != (batch,):
+        raise ValueError(
+            f"beam_indices must have shape ({batch},), one source row per cache row, "
+            f"got {tuple(beam_indices.shape)}"
+        )
+    return beam_indices

@@ -1,0 +1,9 @@
+"""Models built from the library's layers, saved as safetensors + JSON config."""
+
+from .base import PretrainedMixin
+from .lm import LMConfig, TransformerLM
+from .seq2seq import Seq2SeqConfig, Seq2SeqTransformer
+from .speech import SpeechEncoder, SpeechEncoderConfig
+
+__all__ = ["LMConfig", "PretrainedMixin", "Seq2SeqConfig", "Seq2SeqTransformer", "TransformerLM"]
+__all__ += ["SpeechEncoder", "SpeechEncoderConfig"]
