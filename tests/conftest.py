@@ -30,7 +30,17 @@ torch.set_num_threads(1)
 
 
 DTYPES = [torch.float32, torch.bfloat16]
-KERNEL_NAMES = ["sdpa", "reference"]
+KERNEL_NAMES = ["sdpa", "reference", "tiled"]
+
+
+@pytest.fixture(autouse=True)
+def _tiny_tiles(monkeypatch):
+    """Tiles of 2 queries × 3 keys, so the tiny test shapes span many tiles: every merge,
+    skip and partial-tile path of the tiled kernel runs."""
+    from multihead.kernels import tiled
+
+    monkeypatch.setattr(tiled, "BLOCK_Q", 2)
+    monkeypatch.setattr(tiled, "BLOCK_K", 3)
 
 # (atol, rtol) against a float64 oracle, for forward outputs and for gradients.
 _FORWARD_TOL = {

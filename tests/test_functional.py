@@ -304,9 +304,14 @@ def _bad_causal(data, shape, call):
 
 def _bad_scale(data, shape, call):
     call["scale"] = data.draw(
-        st.floats(max_value=0.0) | st.just(math.nan) | st.just("0.5") | st.just(-3)
+        st.floats(max_value=0.0)
+        | st.just(math.nan)
+        | st.just(math.inf)
+        | st.just(True)
+        | st.just("0.5")
+        | st.just(-3)
     )
-    return ValueError, "scale must be a positive number"
+    return ValueError, "scale must be a positive finite number"
 
 
 def _bad_dropout(data, shape, call):
@@ -316,13 +321,16 @@ def _bad_dropout(data, shape, call):
         | st.just(math.nan)
         | st.just("0.1")
         | st.just(1)
+        | st.just(False)
     )
     return ValueError, r"dropout_p must be in \[0, 1\)"
 
 
 def _bad_softcap(data, shape, call):
-    call["softcap"] = data.draw(st.floats(max_value=0.0) | st.just(math.nan) | st.just("30"))
-    return ValueError, "softcap must be a positive number"
+    call["softcap"] = data.draw(
+        st.floats(max_value=0.0) | st.just(math.nan) | st.just(math.inf) | st.just("30")
+    )
+    return ValueError, "softcap must be a positive finite number"
 
 
 def _unknown_kernel(data, shape, call):

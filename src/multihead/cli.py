@@ -6,6 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from .viz.cli import add_show_command
+
 
 class UserError(Exception):
     """A mistake in what the user asked for: reported in one line, without a traceback."""
@@ -27,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--num-heads", type=int, default=4)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_demo)
+    add_show_command(commands)
     return parser
 
 

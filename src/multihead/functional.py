@@ -18,7 +18,7 @@ from .kernels import KERNELS, Request
 from .masks import Mask
 
 CausalArg = bool | Literal["top-left", "bottom-right"]
-KernelArg = Literal["auto", "reference", "sdpa"]
+KernelArg = Literal["auto", "reference", "sdpa", "tiled"]
 
 __all__ = ["attention", "explain", "select_kernel"]
 
@@ -63,8 +63,8 @@ def _check_qkv(query: object, key: object, value: object) -> tuple[Tensor, Tenso
     return query, key, value
 
 
-def _check_mask(mask: object, query: Tensor, key: Tensor) -> Tensor | None:
-    """Return the mask as a dense tensor of shape (batch|1, heads|1, q_len, k_len)."""
+def _check_mask(mask: object, query: Tensor, key: Tensor) -> Mask | Tensor | None:
+    """Check a mask against the inputs; a tensor comes back as (batch|1, heads|1, q_len, k_len)."""
     if mask is None:
         return None
     batch, heads, q_len, _ = query.shape
@@ -77,7 +77,7 @@ def _check_mask(mask: object, query: Tensor, key: Tensor) -> Tensor | None:
             )
         if mask.batch is not None and mask.batch != batch:
             raise ValueError(f"mask was built for batch size {mask.batch} but query has {batch}")
-        return mask.to_dense(query.device)
+        return mask
     if not isinstance(mask, Tensor):
         raise TypeError(
             f"mask must be a multihead Mask or a torch.Tensor, got {type(mask).__name__}"
@@ -119,13 +119,13 @@ def _causal_alignment(causal: object) -> str | None:
     raise ValueError(f"causal must be True, False, 'top-left' or 'bottom-right', got {causal!r}")
 
 
-def _merge(mask: Tensor | None, causal_mask: Tensor) -> Tensor:
-    """Combine a dense mask with a causal one (both True/finite = may attend)."""
-    if mask is None:
-        return causal_mask
-    if mask.dtype == torch.bool:
-        return mask & causal_mask
-    return mask.masked_fill(~causal_mask, -torch.inf)
+def _is_positive_number(value: object) -> bool:
+    return (
+        not isinstance(value, bool)
+        and isinstance(value, int | float)
+        and math.isfinite(value)
+        and value > 0
+    )
 
 
 def _request(
@@ -140,29 +140,37 @@ def _request(
     return_weights: bool,
 ) -> Request:
     query, key, value = _check_qkv(query, key, value)
-    dense = _check_mask(mask, query, key)
+    checked = _check_mask(mask, query, key)
+    structured = checked if isinstance(checked, Mask) else None
+    bias = checked if isinstance(checked, Tensor) else None
     align = _causal_alignment(causal)
-    if scale is not None and (not isinstance(scale, int | float) or not scale > 0):
-        raise ValueError(f"scale must be a positive number or None, got {scale!r}")
-    if not isinstance(dropout_p, int | float) or not 0.0 <= dropout_p < 1.0:
+    if scale is not None and not _is_positive_number(scale):
+        raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
+    if (
+        isinstance(dropout_p, bool)
+        or not isinstance(dropout_p, int | float)
+        or not 0.0 <= dropout_p < 1.0
+    ):
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
-    if softcap is not None and (not isinstance(softcap, int | float) or not softcap > 0):
-        raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
+    if softcap is not None and not _is_positive_number(softcap):
+        raise ValueError(f"softcap must be a positive finite number or None, got {softcap!r}")
 
     q_len, k_len = query.shape[2], key.shape[2]
     is_causal = False
     if align is not None:
-        # Bottom-right equals top-left when the lengths agree; then the fast path applies.
-        if dense is None and (align == "top-left" or q_len == k_len):
-            is_causal = True
-        else:
-            causal_dense = masks_lib.causal(q_len, k_len, align).to_dense(query.device)
-            dense = _merge(dense, causal_dense)
+        # Bottom-right equals top-left when the lengths agree.
+        if align == "bottom-right" and q_len == k_len:
+            align = "top-left"
+        causal_mask = masks_lib.causal(q_len, k_len, align)
+        # A plain top-left causal mask is SDPA's fast path: no mask tensor is built.
+        is_causal = structured is None and bias is None and align == "top-left"
+        structured = causal_mask if structured is None else structured & causal_mask
     return Request(
         query=query,
         key=key,
         value=value,
-        mask=dense,
+        structured=structured,
+        bias=bias,
         is_causal=is_causal,
         scale=float(scale) if scale is not None else 1.0 / math.sqrt(query.shape[-1]),
         dropout_p=float(dropout_p),
@@ -174,6 +182,10 @@ def _request(
 def select_kernel(request: Request, kernel: str = "auto"):
     """The kernel module that will run ``request``; raises if an explicit choice cannot."""
     if kernel == "auto":
+        for module in KERNELS.values():
+            prefer = getattr(module, "preferred", None)
+            if prefer is not None and prefer(request) is not None:
+                return module
         for module in KERNELS.values():
             if module.unsupported(request) is None:
                 return module
@@ -281,7 +293,11 @@ def explain(
     if request.k_len == 0:
         return "none: the keys are empty, so the output is zeros"
     line = chosen.explain(request)
-    if kernel == "auto":
+    prefer = getattr(chosen, "preferred", None)
+    reason = prefer(request) if kernel == "auto" and prefer is not None else None
+    if reason is not None:
+        line += f", chosen because {reason}"
+    elif kernel == "auto":
         skipped = [
             f"{name} skipped: {module.unsupported(request)}"
             for name, module in KERNELS.items()

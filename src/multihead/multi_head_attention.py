@@ -7,6 +7,8 @@ num_heads × head_dim; with ``num_kv_heads`` < num_heads the keys and values hav
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Literal, overload
 
 import torch
@@ -19,7 +21,14 @@ from .masks import Mask
 
 NeedWeights = Literal[False, "mean", "per_head"]
 
-__all__ = ["MultiHeadAttention"]
+__all__ = ["MultiHeadAttention", "weights_recorder"]
+
+# While set (by `multihead.viz.capture_attention`), every MultiHeadAttention computes its
+# per-head weights and hands them to this callable. Unset (the default) it costs one lookup:
+# the layer asks for weights only when its caller does, so the fast kernels still run.
+weights_recorder: ContextVar[Callable[[MultiHeadAttention, Tensor], None] | None] = ContextVar(
+    "multihead_weights_recorder", default=None
+)
 
 
 def _check_positive_int(name: str, value: object) -> int:
@@ -314,6 +323,7 @@ class MultiHeadAttention(nn.Module):
             if self.q_norm is not None and self.k_norm is not None:
                 q, k = self.q_norm(q), self.k_norm(k)
 
+        recorder = weights_recorder.get()
         result = attention(
             q,
             k,
@@ -322,13 +332,16 @@ class MultiHeadAttention(nn.Module):
             causal=causal,
             dropout_p=self.dropout if self.training else 0.0,
             softcap=self.softcap,
-            return_weights=bool(need_weights),
+            return_weights=bool(need_weights) or recorder is not None,
         )
-        if not need_weights:
-            assert isinstance(result, Tensor)
+        if isinstance(result, Tensor):
             return self.out_proj(self.merge_heads(result))
         heads, weights = result
+        if recorder is not None:
+            recorder(self, weights)
         output = self.out_proj(self.merge_heads(heads))
+        if not need_weights:
+            return output
         return output, weights.mean(dim=1) if need_weights == "mean" else weights
 
     def extra_repr(self) -> str:

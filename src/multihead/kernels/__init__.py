@@ -1,14 +1,18 @@
-"""Attention kernels. Each module has NAME, unsupported(request), forward(request), explain(request).
+"""Attention kernels: each module has NAME, unsupported, forward and explain (of a Request).
 
-``auto`` tries them in KERNELS order (fastest first) and runs the first that supports the
-request; the reference kernel supports everything.
+``auto`` runs a kernel whose ``preferred(request)`` gives a reason if there is one, else the
+first in KERNELS order that supports the request; the reference kernel supports everything.
 """
 
 from types import ModuleType
 
-from . import reference, sdpa
+from . import reference, sdpa, tiled
 from .base import Request
 
-KERNELS: dict[str, ModuleType] = {sdpa.NAME: sdpa, reference.NAME: reference}
+KERNELS: dict[str, ModuleType] = {
+    sdpa.NAME: sdpa,
+    reference.NAME: reference,
+    tiled.NAME: tiled,
+}
 
-__all__ = ["KERNELS", "Request", "reference", "sdpa"]
+__all__ = ["KERNELS", "Request", "reference", "sdpa", "tiled"]

@@ -4,6 +4,8 @@ from .base import PretrainedMixin
 from .lm import LMConfig, TransformerLM
 from .seq2seq import Seq2SeqConfig, Seq2SeqTransformer
 from .speech import SpeechEncoder, SpeechEncoderConfig
+from .vit import ViT, ViTConfig
 
 __all__ = ["LMConfig", "PretrainedMixin", "Seq2SeqConfig", "Seq2SeqTransformer", "TransformerLM"]
 __all__ += ["SpeechEncoder", "SpeechEncoderConfig"]
+__all__ += ["ViT", "ViTConfig"]

@@ -1,0 +1,38 @@
+"""One small training loop for every application: schedules, checkpoints, resume, logs."""
+
+from .checkpoint import (
+    Checkpoint,
+    capture_rng,
+    has_checkpoint,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+from .log import MetricsLog, plot_curves, read_log
+from .loop import TrainConfig, Trainer, TrainResult, seed_everything
+from .schedule import (
+    inverse_sqrt_factor,
+    warmup_cosine,
+    warmup_cosine_factor,
+    warmup_inverse_sqrt,
+)
+
+__all__ = [
+    "Checkpoint",
+    "MetricsLog",
+    "TrainConfig",
+    "TrainResult",
+    "Trainer",
+    "capture_rng",
+    "has_checkpoint",
+    "inverse_sqrt_factor",
+    "load_checkpoint",
+    "plot_curves",
+    "read_log",
+    "restore_rng",
+    "save_checkpoint",
+    "seed_everything",
+    "warmup_cosine",
+    "warmup_cosine_factor",
+    "warmup_inverse_sqrt",
+]
