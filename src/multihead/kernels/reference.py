@@ -47,7 +47,7 @@ def _group_heads(tensor: Tensor, num_kv_heads: int) -> Tensor:
 
 
 def forward(request: Request) -> tuple[Tensor, Tensor | None]:
-    """Returns the output (batch, heads, q_len, value_dim) and the weights (batch, heads, q_len, k_len)."""
+    """Output (batch, heads, q_len, value_dim) and weights (batch, heads, q_len, k_len)."""
     query, key, value = request.query, request.key, request.value
     compute = torch.float64 if query.dtype == torch.float64 else torch.float32
     num_kv_heads = request.num_kv_heads

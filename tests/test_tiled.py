@@ -1,0 +1,135 @@
+"""The tiled kernel beyond the shared grid of test_kernels.py: the fused per-tile path,
+block skipping, dropout replay, and when `auto` chooses it.
+
+The grid in test_kernels.py runs the tiled kernel with tiny tiles on every mask kind; there
+value_dim differs from head_dim, which sends every tile down the written-out path. Here
+head_dim == value_dim, so fp32 tiles run torch's fused CPU kernel.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_close_to, make_qkv, reference64, to64
+
+from multihead import attention, explain, masks
+from multihead.kernels import tiled
+
+CASES = {
+    "none": lambda q, k: {},
+    "causal": lambda q, k: {"causal": True},
+    "causal_bottom_right": lambda q, k: {"causal": "bottom-right"},
+    "padding_with_empty_row": lambda q, k: {"mask": masks.padding([k, 0], k, q_len=q)},
+    "sliding_window": lambda q, k: {"mask": masks.sliding_window(q, k, 3, "bottom-right")},
+    "float_bias": lambda q, k: {"mask": torch.randn(2, 1, q, k)},
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_fused_tiles_match_float64_reference(case, dtype, kv_heads, gen):
+    q, k, v = make_qkv(
+        heads=4, kv_heads=kv_heads, q_len=9, k_len=11, head_dim=8, value_dim=8,
+        dtype=dtype, generator=gen,
+    )  # fmt: skip
+    kwargs = CASES[case](9, 11)
+    if "mask" in kwargs and isinstance(kwargs["mask"], torch.Tensor):
+        kwargs["mask"] = kwargs["mask"].to(dtype)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = attention(q, k, v, kernel="tiled", **kwargs)
+    expected = reference64(to64(q), to64(k), to64(v), **kwargs)
+    assert_close_to(out, expected, dtype)
+
+    cotangent = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    got = torch.autograd.grad((out.double() * cotangent).sum(), (q, k, v))
+    q64, k64, v64 = (to64(t).requires_grad_() for t in (q, k, v))
+    ref = reference64(q64, k64, v64, **kwargs)
+    want = torch.autograd.grad((ref * cotangent).sum(), (q64, k64, v64))
+    for g, w in zip(got, want, strict=True):
+        assert torch.isfinite(g).all()
+        assert_close_to(g, w, dtype, grad=True)
+
+
+def _count_tiles(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    original = tiled._tile_forward
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tiled, "_tile_forward", counting)
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("mask", "expected_tiles"),
+    [
+        (None, 8 * 8),
+        (masks.causal(16), 8 * 9 // 2),  # the diagonal and below: half the work
+        (masks.sliding_window(16, window=2), 8 + 7),  # the diagonal and the one before
+        (masks.documents([0] * 4 + [1] * 8 + [2] * 4), 4 + 16 + 4),
+    ],
+    ids=["dense", "causal", "sliding_window", "documents"],
+)
+def test_empty_tiles_are_skipped(monkeypatch, mask, expected_tiles, gen):
+    monkeypatch.setattr(tiled, "BLOCK_K", 2)  # 2x2 tiles: 8x8 of them
+    calls = _count_tiles(monkeypatch)
+    q, k, v = make_qkv(q_len=16, k_len=16, head_dim=4, value_dim=4, generator=gen)
+    out = attention(q, k, v, mask=mask, kernel="tiled")
+    assert len(calls) == expected_tiles
+    assert_close_to(out, reference64(to64(q), to64(k), to64(v), mask=mask), torch.float32)
+
+
+def test_dropout_backward_replays_the_forward_mask(gen):
+    q, k, v = make_qkv(
+        heads=2, kv_heads=1, q_len=5, k_len=7, head_dim=3, value_dim=3,
+        dtype=torch.float64, generator=gen,
+    )  # fmt: skip
+    inputs = tuple(t.requires_grad_() for t in (q, k, v))
+
+    def dropped(q, k, v):
+        torch.manual_seed(3)  # the same keep-mask at every evaluation
+        return attention(q, k, v, dropout_p=0.4, causal=True, kernel="tiled")
+
+    assert torch.autograd.gradcheck(dropped, inputs)
+    plain = attention(q, k, v, causal=True, kernel="tiled")
+    assert not torch.allclose(dropped(q, k, v), plain)
+
+
+def test_returns_the_log_sum_exp(gen):
+    q, k, v = make_qkv(q_len=6, k_len=9, head_dim=4, value_dim=4, generator=gen)
+    _, lse = tiled.tiled_attention(q, k, v, mask=masks.causal(6, 9), block_q=2, block_k=4)
+    scores = (q.double() @ k.double().transpose(-1, -2)) / 2.0
+    allowed = masks.causal(6, 9).to_dense()
+    expected = scores.masked_fill(~allowed, -torch.inf).logsumexp(-1)
+    torch.testing.assert_close(lse.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_auto_prefers_tiled_for_a_sparse_mask_on_long_sequences(monkeypatch):
+    monkeypatch.setattr(tiled, "BLOCK_Q", 256)
+    monkeypatch.setattr(tiled, "BLOCK_K", 256)
+    q = torch.zeros(1, 1, 4096, 8)
+    line = explain(q, q, q, mask=masks.sliding_window(4096, window=256))
+    assert line.startswith("tiled:") and "block skipping" in line
+    # Short sequences, and plain causal (SDPA's own fast path), stay with SDPA.
+    short = torch.zeros(1, 1, 512, 8)
+    assert explain(short, short, short, mask=masks.sliding_window(512, window=64)).startswith(
+        "sdpa:"
+    )
+    assert explain(q, q, q, causal=True).startswith("sdpa:")
+
+
+def test_auto_uses_tiled_when_the_score_matrix_would_be_too_big(monkeypatch):
+    monkeypatch.setattr(tiled, "SCORE_MATRIX_BUDGET", 1000)
+    q = torch.zeros(1, 2, 32, 4)
+    assert explain(q, q, q, softcap=5.0).startswith("tiled:")
+    monkeypatch.setattr(tiled, "SCORE_MATRIX_BUDGET", 1 << 30)
+    assert explain(q, q, q, softcap=5.0).startswith("reference:")
+
+
+def test_weights_are_refused_with_a_reason(gen):
+    q, k, v = make_qkv(generator=gen)
+    with pytest.raises(ValueError, match="tiled.*weight"):
+        attention(q, k, v, kernel="tiled", return_weights=True)
