@@ -29,7 +29,8 @@ __all__ = ["ViT", "ViTConfig"]
 
 @dataclass
 class ViTConfig:
-    """Sizes of a ViT; the defaults fit scikit-learn's 8×8 digits (16 patches of 2×2)."""
+    """Sizes of a ViT. The defaults fit scikit-learn's 8×8 digits: 16 patches of 2×2 (the
+    digits app also sets ``patch_kernel=3`` so neighbouring patches overlap)."""
 
     image_size: int = 8
     in_channels: int = 1

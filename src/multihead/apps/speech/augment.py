@@ -114,6 +114,20 @@ def add_noise(wave: np.ndarray, snr_db: float, rng: np.random.Generator) -> np.n
     return (wave + scale * white).astype(np.float32)
 
 
+def colored_noise(n: int, rng: np.random.Generator, tilt: float) -> np.ndarray:
+    """Gaussian noise of unit power whose spectrum falls (tilt < 0) or rises as f^tilt.
+
+    Room noise, hum and hiss differ by microphone; a random tilt covers more of them than
+    white and pink noise alone.
+    """
+    size = _fast_len(max(n, 2))
+    spectrum = np.fft.rfft(rng.standard_normal(size))
+    freqs = np.arange(len(spectrum), dtype=np.float64)
+    spectrum *= np.maximum(freqs, 1.0) ** (tilt / 2)
+    noise = np.fft.irfft(spectrum, n=size)[:n]
+    return (noise / (np.sqrt(np.mean(noise**2)) + 1e-12)).astype(np.float32)
+
+
 def spec_augment(
     feats: Tensor,
     frames: Tensor,

@@ -25,7 +25,16 @@ from torch import Tensor
 from ...models.speech import SpeechEncoder, SpeechEncoderConfig
 from ...training import TrainConfig, Trainer, warmup_cosine
 from .augment import AugmentConfig, spec_augment, speed_perturb
-from .data import UNSEEN_SPEAKER, Clip, Utterance, UtteranceSampler, eval_set, load_clips, split
+from .data import (
+    UNSEEN_SPEAKER,
+    Clip,
+    SynthConfig,
+    Utterance,
+    UtteranceSampler,
+    eval_set,
+    load_clips,
+    split,
+)
 from .decode import digits_to_tokens
 from .evaluate import EVAL_SEEDS, feature_config_of, pad_waves, score, transcribe
 from .evaluate import word_error_rate as wer
@@ -87,6 +96,7 @@ class TrainingBatches:
         synthetic_fraction: float,
         seed: int,
         ramp_steps: int = 0,
+        synth: SynthConfig | None = None,
     ) -> None:
         self.clips, self.synthetic = clips, synthetic
         self.features, self.augment = features, augment
@@ -94,6 +104,7 @@ class TrainingBatches:
         self.synthetic_fraction = synthetic_fraction if synthetic else 0.0
         self.seed = seed
         self.ramp_steps = ramp_steps
+        self.synth = synth or SynthConfig()
 
     def augment_at(self, step: int) -> AugmentConfig | None:
         """The augmentation for update ``step``: its probability grows linearly over the ramp."""
@@ -103,8 +114,8 @@ class TrainingBatches:
 
     def __call__(self, epoch: int) -> Iterator[SpeechBatch]:
         seed = self.seed * 1_000_003 + epoch
-        real = UtteranceSampler(self.clips, seed=seed)
-        fake = UtteranceSampler(self.synthetic, seed=seed + 1) if self.synthetic else None
+        real = UtteranceSampler(self.clips, self.synth, seed=seed)
+        fake = UtteranceSampler(self.synthetic, self.synth, seed + 1) if self.synthetic else None
         rng = np.random.default_rng(seed + 2)
         generator = torch.Generator().manual_seed(seed + 3)
         # Bucketing: draw several batches' worth, sort by length, cut, shuffle the batches;
@@ -142,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     arg("--no-speed", action="store_true", help="no speed perturbation")
     arg("--no-vtlp", action="store_true", help="no vocal tract length perturbation")
     arg("--no-specaug", action="store_true", help="no SpecAugment masks")
+    arg("--margin-prob", type=float, default=0.5, help="chance a clip gets noisy margins")
     arg("--aug-prob", type=float, default=1.0, help="chance each augmentation hits an utterance")
     arg("--aug-ramp", type=int, default=0, help="updates over which aug-prob rises from 0")
     arg("--espeak", type=int, default=0, metavar="N", help="add N espeak-ng speakers (0: off)")
@@ -234,6 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         synthetic_fraction=args.espeak_fraction,
         seed=args.seed,
         ramp_steps=args.aug_ramp,
+        synth=SynthConfig(margin_prob=args.margin_prob),
     )
     # The schedule follows wall time (Trainer.progress), but the Trainer builds the schedule
     # before it exists: look it up when the first update asks.
@@ -264,6 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "eval_seconds": round(time.monotonic() - tick, 1),
         "parameters": sum(p.numel() for p in model.parameters()),
         "augment": asdict(augment),
+        "margin_prob": args.margin_prob,
         "espeak_speakers": len({c.speaker for c in synthetic}),
         "args": vars(args),
     }

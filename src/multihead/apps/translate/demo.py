@@ -103,8 +103,9 @@ def run(
         f"(beam {beam_size}, {time.monotonic() - tick:.0f} s; sacrebleu {scores.bleu_signature})"
     )
     print("\nTranslations:")
-    for english, french in zip(EXAMPLES, translate(model, sp, EXAMPLES, beam_size=beam_size)):
-        print(f"  {english:<36} → {french}")
+    french = translate(model, sp, EXAMPLES, beam_size=beam_size)
+    for english, translation in zip(EXAMPLES, french, strict=True):
+        print(f"  {english:<36} → {translation}")
     written = write_heatmaps(model, sp, PICTURED, out_dir, beam_size=beam_size)
     print(f'\nAttention of "{PICTURED}", one panel per head (and their mean):')
     for path in written:
