@@ -121,21 +121,19 @@ class MultiHeadAttention(nn.Module):
 
     # -- projections -------------------------------------------------------------------------
     def _project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        if not self.fused:
-            return self.q_proj(query), self.k_proj(key), self.v_proj(value)
-        e, kv = self.embed_dim, self.num_kv_heads * self.head_dim
-        weight, bias = self.in_proj.weight, self.in_proj.bias
-        if query is key and key is value:  # self-attention: one matmul
-            return F.linear(query, weight, bias).split([e, kv, kv], dim=-1)
+        if self.fused and query is key and key is value:  # self-attention: one matmul
+            e, kv = self.embed_dim, self.num_kv_heads * self.head_dim
+            return F.linear(query, self.in_proj.weight, self.in_proj.bias).split([e, kv, kv], -1)
+        return (self._project_query(query), *self._project_key_value(key, value))
 
-        def part(start: int, stop: int) -> tuple[Tensor, Tensor | None]:
-            return weight[start:stop], None if bias is None else bias[start:stop]
-
-        q = F.linear(query, *part(0, e))
-        if key is value:  # cross-attention over one memory: keys and values in one matmul
-            k, v = F.linear(key, *part(e, e + 2 * kv)).split([kv, kv], dim=-1)
-            return q, k, v
-        return q, F.linear(key, *part(e, e + kv)), F.linear(value, *part(e + kv, e + 2 * kv))
+    def _heads(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Split the projections into heads; QK-norm normalises each head's queries and keys."""
+        q = self.split_heads(q, self.num_heads)
+        k = self.split_heads(k, self.num_kv_heads)
+        v = self.split_heads(v, self.num_kv_heads)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
 
     def _project_query(self, query: Tensor) -> Tensor:
         if not self.fused:
@@ -173,12 +171,7 @@ class MultiHeadAttention(nn.Module):
                     "cached keys); pass causal=True or 'bottom-right'"
                 )
             self._check_inputs(query, query, query)
-            q, k, v = self._project(query, query, query)
-            q = self.split_heads(q, self.num_heads)
-            k = self.split_heads(k, self.num_kv_heads)
-            v = self.split_heads(v, self.num_kv_heads)
-            if self.q_norm is not None and self.k_norm is not None:
-                q, k = self.q_norm(q), self.k_norm(k)
+            q, k, v = self._heads(*self._project(query, query, query))
             k, v = cache.append(k, v)
             return q, k, v, "bottom-right" if causal else False
         if not isinstance(cache, CrossAttentionCache):
@@ -315,13 +308,7 @@ class MultiHeadAttention(nn.Module):
             key = query if key is None else key
             value = key if value is None else value
             self._check_inputs(query, key, value)
-
-            q, k, v = self._project(query, key, value)
-            q = self.split_heads(q, self.num_heads)
-            k = self.split_heads(k, self.num_kv_heads)
-            v = self.split_heads(v, self.num_kv_heads)
-            if self.q_norm is not None and self.k_norm is not None:
-                q, k = self.q_norm(q), self.k_norm(k)
+            q, k, v = self._heads(*self._project(query, key, value))
 
         recorder = weights_recorder.get()
         result = attention(
