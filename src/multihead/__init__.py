@@ -5,12 +5,14 @@ Layout inside the library is (batch, heads, seq, head_dim); modules take
 """
 
 from . import compat, masks
-from .cache import CrossAttentionCache, KVCache
+from .cache import CrossAttentionCache, KVCache, SlidingWindowKVCache
 from .functional import attention, explain
 from .masks import Mask
 from .models import LMConfig, Seq2SeqConfig, Seq2SeqTransformer, TransformerLM
 from .multi_head_attention import MultiHeadAttention
+from .positional import ALiBi, RelativePositionBias, RotaryEmbedding, alibi_bias
 from .transformer import Decoder, DecoderLayer, Encoder, EncoderLayer
+from .varlen import attention_varlen, pack, unpack
 
 __version__ = "0.1.0"
 
@@ -18,3 +20,5 @@ __all__ = ["Mask", "MultiHeadAttention", "attention", "compat", "explain", "mask
 __all__ += ["CrossAttentionCache", "KVCache"]
 __all__ += ["Decoder", "DecoderLayer", "Encoder", "EncoderLayer"]
 __all__ += ["LMConfig", "Seq2SeqConfig", "Seq2SeqTransformer", "TransformerLM"]
+__all__ += ["SlidingWindowKVCache", "attention_varlen", "pack", "unpack"]
+__all__ += ["ALiBi", "RelativePositionBias", "RotaryEmbedding", "alibi_bias"]

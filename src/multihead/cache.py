@@ -2,8 +2,10 @@
 
 Without a cache, step t of generation recomputes the keys and values of all t earlier
 tokens (O(t²) work per sequence). `KVCache` keeps them: each step projects only the new
-token and appends its key and value. `CrossAttentionCache` holds the encoder memory's keys
-and values, which do not change while decoding, so they are projected once per source.
+token and appends its key and value. `SlidingWindowKVCache` keeps only the last ``window``
+of them, for models that attend to a window (Mistral, Gemma): memory stays fixed however long
+the generation. `CrossAttentionCache` holds the encoder memory's keys and values, which do
+not change while decoding, so they are projected once per source.
 
 Tensors are (batch, kv_heads, seq, head_dim), as everywhere inside the library.
 """
@@ -13,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["CrossAttentionCache", "KVCache"]
+__all__ = ["CrossAttentionCache", "KVCache", "SlidingWindowKVCache"]
 
 
 class KVCache:
@@ -92,6 +94,107 @@ class KVCache:
     def __repr__(self) -> str:
         b, h, m, d = self.keys.shape
         return f"KVCache(batch={b}, kv_heads={h}, length={self.length}/{m}, head_dim={d})"
+
+
+class SlidingWindowKVCache:
+    """The last ``window`` keys and values of one self-attention layer, in a ring buffer.
+
+    Position p is stored in slot p % window, so a step overwrites the oldest entry instead of
+    shifting the others, and the buffers never grow. ``position`` counts every token ever
+    appended: it is the absolute position of the next one (RoPE's offset), which keeps going
+    after the buffer wraps around.
+
+    `append` returns the keys still visible to the new queries in chronological order: the
+    last ``window − 1`` cached ones, then the new ones. A query at absolute position p sees
+    keys p − window + 1 .. p, which is ``masks.sliding_window(q_len, k_len, window,
+    align="bottom-right")`` over what `append` returns (all of it for a single new token).
+    `MultiHeadAttention` applies that mask itself when given this cache. Chronological order
+    costs a copy of the window per step; it keeps the relative distances that ALiBi and
+    relative biases read from (q_len, k_len) right.
+    """
+
+    def __init__(
+        self,
+        batch_size: int,
+        num_kv_heads: int,
+        window: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        for name, value in (
+            ("batch_size", batch_size),
+            ("num_kv_heads", num_kv_heads),
+            ("window", window),
+            ("head_dim", head_dim),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        shape = (batch_size, num_kv_heads, window, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.position = 0
+
+    @property
+    def window(self) -> int:
+        return self.keys.shape[2]
+
+    @property
+    def length(self) -> int:
+        """How many positions the buffer holds: min(position, window)."""
+        return min(self.position, self.window)
+
+    def _chronological(self, count: int) -> tuple[Tensor, Tensor]:
+        """The last ``count`` (<= length) cached keys and values, oldest first."""
+        slots = torch.arange(self.position - count, self.position, device=self.keys.device)
+        slots = slots % self.window
+        return self.keys[:, :, slots], self.values[:, :, slots]
+
+    def append(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        """Store ``key``/``value`` (batch, kv_heads, new, head_dim); return what the new
+        queries may see, (batch, kv_heads, min(length, window − 1) + new, head_dim), oldest
+        first (see the class docstring for the mask that goes with it)."""
+        expected = (self.keys.shape[0], self.keys.shape[1], self.keys.shape[3])
+        for name, x in (("key", key), ("value", value)):
+            if not isinstance(x, Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+            if x.ndim != 4 or (x.shape[0], x.shape[1], x.shape[3]) != expected:
+                raise ValueError(
+                    f"{name} has shape {tuple(x.shape)} but the cache holds "
+                    f"(batch, kv_heads, seq, head_dim) = ({expected[0]}, {expected[1]}, seq, "
+                    f"{expected[2]})"
+                )
+        if key.shape[2] != value.shape[2]:
+            raise ValueError(f"key has {key.shape[2]} positions but value has {value.shape[2]}")
+        old_keys, old_values = self._chronological(min(self.length, self.window - 1))
+        keys = torch.cat([old_keys, key.to(self.keys.dtype)], dim=2)
+        values = torch.cat([old_values, value.to(self.values.dtype)], dim=2)
+        new = key.shape[2]
+        kept = min(new, self.window)  # of a long prompt only the last window positions stay
+        slots = torch.arange(self.position + new - kept, self.position + new) % self.window
+        slots = slots.to(self.keys.device)
+        self.keys[:, :, slots] = key[:, :, new - kept :].to(self.keys.dtype)
+        self.values[:, :, slots] = value[:, :, new - kept :].to(self.values.dtype)
+        self.position += new
+        return keys, values
+
+    def reorder(self, beam_indices: Tensor) -> None:
+        """Row i becomes old row ``beam_indices[i]`` (beam search keeps the best beams)."""
+        index = _check_index(beam_indices, self.keys.shape[0])
+        self.keys.copy_(self.keys[index])
+        self.values.copy_(self.values[index])
+
+    def reset(self) -> None:
+        """Forget everything (the buffers are kept for the next sequence)."""
+        self.position = 0
+
+    def __repr__(self) -> str:
+        b, h, w, d = self.keys.shape
+        return (
+            f"SlidingWindowKVCache(batch={b}, kv_heads={h}, window={w}, head_dim={d}, "
+            f"position={self.position})"
+        )
 
 
 class CrossAttentionCache:

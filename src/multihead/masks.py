@@ -20,10 +20,12 @@ __all__ = [
     "FULL",
     "PARTIAL",
     "Mask",
+    "VarlenMask",
     "causal",
     "documents",
     "padding",
     "sliding_window",
+    "varlen",
 ]
 
 # (batch_idx (B,1,1), q_idx (1,Q,1), k_idx (1,1,K)) -> bool, broadcast to (B|1, Q, K).
@@ -252,3 +254,137 @@ def documents(doc_ids: Tensor | list[int] | list[list[int]]) -> Mask:
         return table[:, q.view(-1)].unsqueeze(-1) == table[:, k.view(-1)].unsqueeze(-2)
 
     return Mask(seq, seq, mod, "documents", batch=batch, device=ids.device)
+
+
+def check_cu_seqlens(name: str, cu_seqlens: object) -> Tensor:
+    """Validate cumulative sequence lengths (flash-attn's ``cu_seqlens``) as int64.
+
+    ``cu_seqlens[i]`` is where sequence i starts in the packed tensor and ``cu_seqlens[-1]``
+    the packed length: 1-D, integer, starting at 0, non-decreasing, ``batch + 1`` entries.
+    """
+    if not isinstance(cu_seqlens, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype.is_complex:
+        raise TypeError(
+            f"{name} must be an integer tensor (int32 or int64), got {cu_seqlens.dtype}"
+        )
+    if cu_seqlens.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor (int32 or int64), got torch.bool")
+    if cu_seqlens.ndim != 1 or cu_seqlens.numel() == 0:
+        raise ValueError(
+            f"{name} must be 1-D with batch + 1 entries, got shape {tuple(cu_seqlens.shape)}"
+        )
+    cu = cu_seqlens.to(torch.int64)
+    if int(cu[0]) != 0:
+        raise ValueError(f"{name} must start at 0, got {int(cu[0])}")
+    if bool((cu.diff() < 0).any()):
+        raise ValueError(f"{name} must be non-decreasing (lengths >= 0), got {cu.tolist()}")
+    return cu
+
+
+def varlen(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor | None = None, causal: bool = False) -> Mask:
+    """Block-diagonal mask for a packed ragged batch (flash-attn's varlen layout).
+
+    Query sequence i is rows ``cu_seqlens_q[i]:cu_seqlens_q[i+1]`` of the packed queries and
+    sees only keys ``cu_seqlens_k[i]:cu_seqlens_k[i+1]`` (``cu_seqlens_k`` defaults to
+    ``cu_seqlens_q``: self-attention). As `documents`, but the blocks may be rectangular.
+
+    ``causal`` is bottom-right aligned per sequence, as flash-attn >= 2.1: the last query of a
+    sequence sees all its keys, and when a sequence has more queries than keys its first
+    queries see none (their output is 0). With equal lengths this is the usual causal mask.
+    """
+    cu_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q)
+    cu_k = cu_q if cu_seqlens_k is None else check_cu_seqlens("cu_seqlens_k", cu_seqlens_k)
+    if cu_k.numel() != cu_q.numel():
+        raise ValueError(
+            f"cu_seqlens_q has {cu_q.numel() - 1} sequences but cu_seqlens_k has "
+            f"{cu_k.numel() - 1}; they must describe the same batch"
+        )
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    cu_k = cu_k.to(cu_q.device)
+
+    def tables(cu: Tensor) -> tuple[Tensor, Tensor]:
+        """Per packed position: its sequence, and its distance to that sequence's end (>= 1)."""
+        batch = torch.arange(cu.numel() - 1, device=cu.device)
+        seq = torch.repeat_interleave(batch, cu.diff())
+        to_end = cu[1:][seq] - torch.arange(seq.numel(), device=cu.device)
+        return seq, to_end
+
+    seq_q, end_q = tables(cu_q)
+    seq_k, end_k = tables(cu_k)
+
+    def mod(b: Tensor, q: Tensor, k: Tensor) -> Tensor:
+        same = seq_q.to(q.device)[q] == seq_k.to(k.device)[k]
+        if not causal:
+            return same
+        # Bottom-right: key j of a sequence is visible to query i iff j - len_k <= i - len_q,
+        # i.e. the key is at least as far from its sequence's end as the query.
+        return same & (end_k.to(k.device)[k] >= end_q.to(q.device)[q])
+
+    name = "varlen(causal)" if causal else "varlen"
+    return VarlenMask(
+        seq_q.numel(), seq_k.numel(), mod, name, None, cu_q.device, cu_q, cu_k, causal
+    )
+
+
+@dataclass(frozen=True, repr=False, eq=False)
+class VarlenMask(Mask):
+    """A `varlen` mask that knows its sequences, so its block structure comes from
+    ``cu_seqlens`` in O(tiles) instead of evaluating every (query, key) pair: a packed batch
+    can be long. Combined with other masks it becomes a plain `Mask`."""
+
+    cu_seqlens_q: Tensor | None = None
+    cu_seqlens_k: Tensor | None = None
+    causal: bool = False
+
+    def block_structure(self, block_q: int, block_k: int) -> Tensor:
+        """As `Mask.block_structure`, computed per tile from the sequence boundaries.
+
+        A tile between query block [q0, q1) and key block [k0, k1) can only see sequences
+        lo..hi that have rows in both. A sequence strictly inside that range has its last
+        query and first key in the tile, which see each other even when causal; only the two
+        end sequences need their best pair (last query, first key in the tile) checked.
+        """
+        if block_q <= 0 or block_k <= 0:
+            raise ValueError(f"block sizes must be positive, got {block_q} and {block_k}")
+        assert self.cu_seqlens_q is not None and self.cu_seqlens_k is not None
+        cu_q, cu_k = self.cu_seqlens_q, self.cu_seqlens_k
+        n_q, n_k = -(-self.q_len // block_q), -(-self.k_len // block_k)
+        if n_q == 0 or n_k == 0:
+            return torch.empty(1, n_q, n_k, dtype=torch.int8, device=self.device)
+        batch = torch.arange(cu_q.numel() - 1, device=cu_q.device)
+        seq_q = torch.repeat_interleave(batch, cu_q.diff())
+        seq_k = torch.repeat_interleave(batch, cu_k.diff())
+        q0 = torch.arange(n_q, device=cu_q.device) * block_q
+        q1 = (q0 + block_q).clamp(max=self.q_len)
+        k0 = torch.arange(n_k, device=cu_q.device) * block_k
+        k1 = (k0 + block_k).clamp(max=self.k_len)
+        first_q, last_q = seq_q[q0].unsqueeze(1), seq_q[q1 - 1].unsqueeze(1)  # (n_q, 1)
+        first_k, last_k = seq_k[k0].unsqueeze(0), seq_k[k1 - 1].unsqueeze(0)  # (1, n_k)
+        lo, hi = torch.maximum(first_q, first_k), torch.minimum(last_q, last_k)
+        overlap = lo <= hi
+        hi = torch.where(overlap, hi, lo)  # keep the indices below valid
+        both = (cu_q.diff() > 0) & (cu_k.diff() > 0)
+        count = torch.nn.functional.pad(both.cumsum(0), (1, 0))  # sequences < s with both
+
+        if not self.causal:
+            visible = overlap & (count[hi + 1] - count[lo] > 0)
+            full = (first_q == last_q) & (first_k == last_k) & (first_q == first_k)
+        else:
+
+            def sees(s: Tensor) -> Tensor:
+                """Sequence s: does its last query in the tile see its first key in the tile?"""
+                query = torch.minimum(q1.unsqueeze(1), cu_q[s + 1]) - 1
+                key = torch.maximum(k0.unsqueeze(0), cu_k[s])
+                return both[s] & (cu_k[s + 1] - key >= cu_q[s + 1] - query)
+
+            inside = count[hi] - count[(lo + 1).clamp(max=hi)] > 0
+            visible = overlap & (inside | sees(lo) | sees(hi))
+            # Full when one sequence fills the tile and its first query sees its last key.
+            end_q = cu_q[seq_q[q0] + 1] - q0
+            end_k = cu_k[seq_k[k1 - 1] + 1] - (k1 - 1)
+            same = (first_q == last_q) & (first_k == last_k) & (first_q == first_k)
+            full = same & (end_k.unsqueeze(0) >= end_q.unsqueeze(1))
+        structure = torch.where(full, FULL, torch.where(visible, PARTIAL, EMPTY))
+        return structure.to(torch.int8).unsqueeze(0)

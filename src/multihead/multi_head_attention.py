@@ -2,7 +2,9 @@
 
 Input and output are (batch, seq, embed_dim). The heads split embed_dim into
 num_heads × head_dim; with ``num_kv_heads`` < num_heads the keys and values have fewer heads
-(grouped-query attention), each shared by a group of query heads.
+(grouped-query attention), each shared by a group of query heads. ``positions`` puts
+order inside attention: RoPE rotates the projected queries and keys, ALiBi and T5's relative
+bias are added to the scores. With ``cu_seqlens`` the input is a packed ragged batch.
 """
 
 from __future__ import annotations
@@ -15,11 +17,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .cache import CrossAttentionCache, KVCache
-from .functional import CausalArg, attention
+from . import masks as masks_lib
+from .cache import CrossAttentionCache, KVCache, SlidingWindowKVCache
+from .functional import CausalArg, _check_mask, attention
 from .masks import Mask
+from .positional import ALiBi, RelativePositionBias, RotaryEmbedding
+from .varlen import attention_varlen
 
 NeedWeights = Literal[False, "mean", "per_head"]
+PositionsArg = Literal["rope", "alibi", "relative"] | None
+SelfCache = KVCache | SlidingWindowKVCache
 
 __all__ = ["MultiHeadAttention", "weights_recorder"]
 
@@ -51,6 +58,12 @@ class MultiHeadAttention(nn.Module):
         dropout: dropout on the attention weights while training.
         qk_norm: RMSNorm on each head's queries and keys (stabilises large logits).
         softcap: logits become softcap·tanh(logits/softcap).
+        positions: relative positions inside self-attention: "rope" (Su et al., 2021) rotates
+            queries and keys after the projections, "alibi" (Press et al., 2022) and
+            "relative" (T5, Raffel et al., 2020; bidirectional buckets) add a bias to the
+            scores. Queries are aligned bottom-right on the keys, so a cached decoding step
+            gets its true positions. Not for cross-attention.
+        rope_base: RoPE's θ base. num_buckets, max_distance: T5's bucketing.
     """
 
     def __init__(
@@ -65,6 +78,10 @@ class MultiHeadAttention(nn.Module):
         dropout: float = 0.0,
         qk_norm: bool = False,
         softcap: float | None = None,
+        positions: PositionsArg = None,
+        rope_base: float = 10000.0,
+        num_buckets: int = 32,
+        max_distance: int = 128,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -84,6 +101,10 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if softcap is not None and not softcap > 0:
             raise ValueError(f"softcap must be positive or None, got {softcap}")
+        if positions not in (None, "rope", "alibi", "relative"):
+            raise ValueError(
+                f"positions must be None, 'rope', 'alibi' or 'relative', got {positions!r}"
+            )
         self.kdim = embed_dim if kdim is None else _check_positive_int("kdim", kdim)
         self.vdim = embed_dim if vdim is None else _check_positive_int("vdim", vdim)
         self.embed_dim = embed_dim
@@ -107,6 +128,14 @@ class MultiHeadAttention(nn.Module):
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
         self.q_norm = nn.RMSNorm(self.head_dim, **factory) if qk_norm else None
         self.k_norm = nn.RMSNorm(self.head_dim, **factory) if qk_norm else None
+        self.positions = positions
+        self.rotary = RotaryEmbedding(self.head_dim, rope_base) if positions == "rope" else None
+        self.alibi = ALiBi(num_heads) if positions == "alibi" else None
+        self.relative_bias = (
+            RelativePositionBias(num_heads, num_buckets, max_distance).to(**factory)
+            if positions == "relative"
+            else None
+        )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -158,11 +187,11 @@ class MultiHeadAttention(nn.Module):
         query: Tensor,
         key: Tensor | None,
         value: Tensor | None,
-        cache: KVCache | CrossAttentionCache,
+        cache: SelfCache | CrossAttentionCache,
         causal: CausalArg,
     ) -> tuple[Tensor, Tensor, Tensor, CausalArg]:
         """Heads for a decoding step: project only what the cache does not hold yet."""
-        if isinstance(cache, KVCache):
+        if isinstance(cache, SelfCache):
             if any(x is not None and x is not query for x in (key, value)):
                 raise ValueError("a KVCache is for self-attention: pass key=None and value=None")
             if causal == "top-left":
@@ -172,11 +201,13 @@ class MultiHeadAttention(nn.Module):
                 )
             self._check_inputs(query, query, query)
             q, k, v = self._heads(*self._project(query, query, query))
+            offset = cache.position if isinstance(cache, SlidingWindowKVCache) else cache.length
+            q, k = self._rotate(q, k, offset)  # keys are cached rotated, at their true positions
             k, v = cache.append(k, v)
             return q, k, v, "bottom-right" if causal else False
         if not isinstance(cache, CrossAttentionCache):
             raise TypeError(
-                "cache must be a KVCache, a CrossAttentionCache or None, "
+                "cache must be a KVCache, a SlidingWindowKVCache, a CrossAttentionCache or None, "
                 f"got {type(cache).__name__}"
             )
         if cache.is_empty:
@@ -197,6 +228,7 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(
                 f"query must be (batch, seq, {self.embed_dim}), got shape {tuple(query.shape)}"
             )
+        self._check_like_weights("query", query)
         if cache.keys.shape[0] != query.shape[0]:
             raise ValueError(
                 f"query has batch size {query.shape[0]} but the CrossAttentionCache holds "
@@ -207,6 +239,22 @@ class MultiHeadAttention(nn.Module):
             q = self.q_norm(q)
         return q, cache.keys, cache.values, causal
 
+    def _rotate(
+        self, q: Tensor, k: Tensor, offset: int = 0, positions: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """RoPE on the heads' queries and keys (a no-op without ``positions="rope"``)."""
+        if self.rotary is None:
+            return q, k
+        return self.rotary(q, offset, positions), self.rotary(k, offset, positions)
+
+    def _position_bias(self, q_len: int, k_len: int, dtype: torch.dtype) -> Tensor | None:
+        """ALiBi's or T5's additive score bias (1, heads, q_len, k_len), else None."""
+        if self.alibi is not None:
+            return self.alibi(q_len, k_len, dtype if dtype == torch.float64 else torch.float32)
+        if self.relative_bias is not None:
+            return self.relative_bias(q_len, k_len)
+        return None
+
     def split_heads(self, x: Tensor, num_heads: int) -> Tensor:
         """(batch, seq, heads·head_dim) → (batch, heads, seq, head_dim)."""
         return x.unflatten(-1, (num_heads, self.head_dim)).transpose(1, 2)
@@ -215,6 +263,18 @@ class MultiHeadAttention(nn.Module):
     def merge_heads(x: Tensor) -> Tensor:
         """(batch, heads, seq, head_dim) → (batch, seq, heads·head_dim): concatenate heads."""
         return x.transpose(1, 2).flatten(2)
+
+    def _check_like_weights(self, name: str, x: Tensor) -> None:
+        """``x`` must have the dtype and device of the layer's weights (no silent casts)."""
+        weight = self.out_proj.weight
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+        if x.dtype != weight.dtype:
+            raise TypeError(
+                f"{name} has dtype {x.dtype} but the layer's weights are {weight.dtype}"
+            )
+        if x.device != weight.device:
+            raise ValueError(f"{name} is on {x.device} but the layer is on {weight.device}")
 
     def _check_inputs(self, query: object, key: object, value: object) -> None:
         for name, x, width in (
@@ -230,6 +290,7 @@ class MultiHeadAttention(nn.Module):
                 )
             if x.shape[-1] != width:
                 raise ValueError(f"{name} has {x.shape[-1]} features but the layer expects {width}")
+            self._check_like_weights(name, x)
         assert isinstance(query, Tensor) and isinstance(key, Tensor) and isinstance(value, Tensor)
         if not (query.shape[0] == key.shape[0] == value.shape[0]):
             raise ValueError(
@@ -252,7 +313,8 @@ class MultiHeadAttention(nn.Module):
         mask: Mask | Tensor | None = ...,
         causal: CausalArg = ...,
         need_weights: Literal[False] = ...,
-        cache: KVCache | CrossAttentionCache | None = ...,
+        cache: SelfCache | CrossAttentionCache | None = ...,
+        cu_seqlens: Tensor | None = ...,
     ) -> Tensor: ...
 
     @overload
@@ -265,7 +327,8 @@ class MultiHeadAttention(nn.Module):
         mask: Mask | Tensor | None = ...,
         causal: CausalArg = ...,
         need_weights: Literal["mean", "per_head"],
-        cache: KVCache | CrossAttentionCache | None = ...,
+        cache: SelfCache | CrossAttentionCache | None = ...,
+        cu_seqlens: Tensor | None = ...,
     ) -> tuple[Tensor, Tensor]: ...
 
     def forward(
@@ -277,7 +340,8 @@ class MultiHeadAttention(nn.Module):
         mask: Mask | Tensor | None = None,
         causal: CausalArg = False,
         need_weights: NeedWeights = False,
-        cache: KVCache | CrossAttentionCache | None = None,
+        cache: SelfCache | CrossAttentionCache | None = None,
+        cu_seqlens: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Attend from ``query`` to ``key``/``value`` (default: to itself).
 
@@ -295,12 +359,31 @@ class MultiHeadAttention(nn.Module):
                 to every cached key; ``causal=True`` then means "bottom-right" and ``mask``
                 must cover (q_len, cached length). A `CrossAttentionCache`: ``key``/``value``
                 are projected on the first call and reused afterwards (pass the memory or None).
+                A `SlidingWindowKVCache`: as a KVCache, but the queries see only the last
+                ``window`` positions (the layer adds the bottom-right sliding-window mask).
+            cu_seqlens: self-attention over a packed ragged batch: ``query`` is
+                (total_tokens, embed_dim), the sequences end to end, and ``cu_seqlens``
+                (batch + 1,) their cumulative lengths (see `multihead.attention_varlen`).
+                Each sequence attends only to itself (RoPE positions restart at 0). Returns
+                (total_tokens, embed_dim); no mask, cache, weights or score bias.
 
         Returns the output (batch, q_len, embed_dim), and the weights if asked for.
         """
         if need_weights not in (False, "mean", "per_head"):
             raise ValueError(
                 f"need_weights must be False, 'mean' or 'per_head', got {need_weights!r}"
+            )
+        if cu_seqlens is not None:
+            return self._forward_packed(
+                query, key, value, cu_seqlens, mask, causal, need_weights, cache
+            )
+        self_attention = isinstance(cache, SelfCache) or (
+            cache is None and (key is None or key is query)
+        )
+        if self.positions is not None and not self_attention:
+            raise ValueError(
+                f"positions={self.positions!r} is for self-attention; this call is "
+                "cross-attention (key is not query)"
             )
         if cache is not None:
             q, k, v, causal = self._cached_qkv(query, key, value, cache, causal)
@@ -309,6 +392,14 @@ class MultiHeadAttention(nn.Module):
             value = key if value is None else value
             self._check_inputs(query, key, value)
             q, k, v = self._heads(*self._project(query, key, value))
+            q, k = self._rotate(q, k)
+
+        window = None
+        if isinstance(cache, SlidingWindowKVCache):
+            q_len, k_len = q.shape[2], k.shape[2]
+            window = masks_lib.sliding_window(q_len, k_len, cache.window, "bottom-right")
+        bias = self._position_bias(q.shape[2], k.shape[2], q.dtype)
+        mask = _merge_masks(mask, window, bias, q, k)
 
         recorder = weights_recorder.get()
         result = attention(
@@ -331,10 +422,106 @@ class MultiHeadAttention(nn.Module):
             return output
         return output, weights.mean(dim=1) if need_weights == "mean" else weights
 
+    def _forward_packed(
+        self,
+        query: Tensor,
+        key: object,
+        value: object,
+        cu_seqlens: Tensor,
+        mask: object,
+        causal: CausalArg,
+        need_weights: NeedWeights,
+        cache: object,
+    ) -> Tensor:
+        """Self-attention over a packed ragged batch (total_tokens, embed_dim).
+
+        No weights exist to hand to `weights_recorder`: packed calls are not recorded.
+        """
+        if not isinstance(query, Tensor):
+            raise TypeError(f"query must be a torch.Tensor, got {type(query).__name__}")
+        if query.ndim != 2 or query.shape[-1] != self.embed_dim:
+            raise ValueError(
+                f"with cu_seqlens, query must be packed (total_tokens, {self.embed_dim}), "
+                f"got shape {tuple(query.shape)}"
+            )
+        unsupported = {
+            "key": key is not None and key is not query,
+            "value": value is not None and value is not query,
+            "mask": mask is not None,
+            "need_weights": bool(need_weights),
+            "cache": cache is not None,
+        }
+        for name, given in unsupported.items():
+            if given:
+                raise ValueError(f"{name} cannot be used with cu_seqlens (packed self-attention)")
+        if self.alibi is not None or self.relative_bias is not None:
+            raise ValueError(
+                f"positions={self.positions!r} cannot be used with cu_seqlens: its score bias "
+                "would be a dense total_tokens² tensor"
+            )
+        if causal not in (False, True, "top-left", "bottom-right"):
+            raise ValueError(
+                f"causal must be True, False, 'top-left' or 'bottom-right', got {causal!r}"
+            )
+        cu = masks_lib.check_cu_seqlens("cu_seqlens", cu_seqlens).to(query.device)
+        if int(cu[-1]) != query.shape[0]:
+            raise ValueError(
+                f"cu_seqlens ends at {int(cu[-1])} but query packs {query.shape[0]} tokens"
+            )
+        x = query.unsqueeze(0)  # one long sequence: (1, total, embed_dim)
+        q, k, v = self._heads(*self._project(x, x, x))  # (1, heads, total, head_dim)
+        if self.rotary is not None:  # positions restart at 0 in every sequence
+            starts = torch.repeat_interleave(cu[:-1], cu.diff())
+            q, k = self._rotate(
+                q, k, positions=torch.arange(len(starts), device=cu.device) - starts
+            )
+        out = attention_varlen(
+            *(t[0].transpose(0, 1) for t in (q, k, v)),  # packed (total, heads, head_dim)
+            cu,
+            cu,
+            causal=bool(causal),
+            softcap=self.softcap,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        return self.out_proj(out.flatten(1))
+
     def extra_repr(self) -> str:
         extra = f"embed_dim={self.embed_dim}, num_heads={self.num_heads}"
         if self.num_kv_heads != self.num_heads:
             extra += f", num_kv_heads={self.num_kv_heads}"
         if self.softcap is not None:
             extra += f", softcap={self.softcap}"
+        if self.positions is not None:
+            extra += f", positions={self.positions!r}"
         return extra
+
+
+def _merge_masks(
+    mask: Mask | Tensor | None,
+    window: Mask | None,
+    bias: Tensor | None,
+    q: Tensor,
+    k: Tensor,
+) -> Mask | Tensor | None:
+    """One mask for `attention` from the caller's, a cache's sliding window and a score bias.
+
+    A boolean mask joins a float bias as −inf where it is False.
+    """
+    if window is None and bias is None:
+        return mask
+    mask = _check_mask(mask, q, k)  # the caller's mask is checked before it is combined
+    if bias is None:
+        if mask is None or isinstance(mask, Mask):
+            return window if mask is None else mask & window
+        assert window is not None
+        dense = window.to_dense(q.device)
+        if mask.dtype == torch.bool:
+            return mask & dense
+        return mask.masked_fill(~dense, -torch.inf)
+    for part in (mask, window):
+        if part is None:
+            continue
+        if isinstance(part, Mask):
+            part = part.to_dense(q.device)
+        bias = torch.where(part, bias, -torch.inf) if part.dtype == torch.bool else bias + part
+    return bias
