@@ -246,8 +246,10 @@ class DecoderLayer(nn.Module):
         return ours.to(layer.linear1.weight.device, layer.linear1.weight.dtype)
 
 
-class Encoder(nn.Module):
-    """A stack of ``num_layers`` EncoderLayers (plus a final norm when pre-norm)."""
+class _Stack(nn.Module):
+    """``num_layers`` layers of ``layer_class`` (plus a final norm when pre-norm)."""
+
+    layer_class: type[EncoderLayer] | type[DecoderLayer]
 
     def __init__(
         self,
@@ -268,7 +270,7 @@ class Encoder(nn.Module):
         if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
             raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
         self.layers = nn.ModuleList(
-            EncoderLayer(
+            self.layer_class(
                 d_model,
                 num_heads,
                 dim_feedforward,
@@ -284,6 +286,12 @@ class Encoder(nn.Module):
             for _ in range(num_layers)
         )
         self.norm = make_norm(norm, d_model, layer_norm_eps, bias) if norm_first else None
+
+
+class Encoder(_Stack):
+    """A stack of ``num_layers`` EncoderLayers (plus a final norm when pre-norm)."""
+
+    layer_class = EncoderLayer
 
     def forward(
         self,
@@ -301,44 +309,10 @@ class Encoder(nn.Module):
         return x if self.norm is None else self.norm(x)
 
 
-class Decoder(nn.Module):
+class Decoder(_Stack):
     """A stack of ``num_layers`` DecoderLayers (plus a final norm when pre-norm)."""
 
-    def __init__(
-        self,
-        num_layers: int,
-        d_model: int,
-        num_heads: int,
-        dim_feedforward: int = 2048,
-        dropout: float = 0.1,
-        activation: Activation = "relu",
-        norm: NormKind = "layernorm",
-        norm_first: bool = True,
-        layer_norm_eps: float = 1e-5,
-        bias: bool = True,
-        num_kv_heads: int | None = None,
-        qk_norm: bool = False,
-    ) -> None:
-        super().__init__()
-        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
-            raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
-        self.layers = nn.ModuleList(
-            DecoderLayer(
-                d_model,
-                num_heads,
-                dim_feedforward,
-                dropout,
-                activation,
-                norm,
-                norm_first,
-                layer_norm_eps,
-                bias,
-                num_kv_heads,
-                qk_norm,
-            )
-            for _ in range(num_layers)
-        )
-        self.norm = make_norm(norm, d_model, layer_norm_eps, bias) if norm_first else None
+    layer_class = DecoderLayer
 
     def forward(
         self,
