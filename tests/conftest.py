@@ -42,6 +42,7 @@ def _tiny_tiles(monkeypatch):
     monkeypatch.setattr(tiled, "BLOCK_Q", 2)
     monkeypatch.setattr(tiled, "BLOCK_K", 3)
 
+
 # (atol, rtol) against a float64 oracle, for forward outputs and for gradients.
 _FORWARD_TOL = {
     torch.float64: (1e-10, 1e-8),

@@ -13,8 +13,14 @@ VOCAB = 12
 
 def small_config(**overrides) -> Seq2SeqConfig:
     fields = dict(
-        vocab_size=VOCAB, d_model=32, num_heads=4, num_encoder_layers=2, num_decoder_layers=2,
-        dim_feedforward=64, max_len=24, dropout=0.0,
+        vocab_size=VOCAB,
+        d_model=32,
+        num_heads=4,
+        num_encoder_layers=2,
+        num_decoder_layers=2,
+        dim_feedforward=64,
+        max_len=24,
+        dropout=0.0,
     )
     fields.update(overrides)
     return Seq2SeqConfig(**fields)
@@ -168,8 +174,15 @@ def test_copy_task_loss_falls() -> None:
 
 def test_lm_cached_generation_equals_recompute(tmp_path) -> None:
     torch.manual_seed(0)
-    config = LMConfig(vocab_size=VOCAB, d_model=32, num_heads=4, num_layers=2,
-                      dim_feedforward=64, max_len=20, num_kv_heads=2)
+    config = LMConfig(
+        vocab_size=VOCAB,
+        d_model=32,
+        num_heads=4,
+        num_layers=2,
+        dim_feedforward=64,
+        max_len=20,
+        num_kv_heads=2,
+    )
     model = TransformerLM(config).eval()
     with torch.no_grad():
         model.embedding.weight.normal_(std=1.0)  # a sharper random model: varied tokens

@@ -43,6 +43,7 @@ class KVCache:
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        _check_dtype(dtype)
         shape = (batch_size, num_kv_heads, max_len, head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
@@ -67,6 +68,7 @@ class KVCache:
                     f"(batch, kv_heads, seq, head_dim) = ({expected[0]}, {expected[1]}, seq, "
                     f"{expected[2]})"
                 )
+            _check_like_buffer(name, x, self.keys)
         if key.shape[2] != value.shape[2]:
             raise ValueError(f"key has {key.shape[2]} positions but value has {value.shape[2]}")
         start, stop = self.length, self.length + key.shape[2]
@@ -131,6 +133,7 @@ class SlidingWindowKVCache:
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        _check_dtype(dtype)
         shape = (batch_size, num_kv_heads, window, head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
@@ -165,6 +168,7 @@ class SlidingWindowKVCache:
                     f"(batch, kv_heads, seq, head_dim) = ({expected[0]}, {expected[1]}, seq, "
                     f"{expected[2]})"
                 )
+            _check_like_buffer(name, x, self.keys)
         if key.shape[2] != value.shape[2]:
             raise ValueError(f"key has {key.shape[2]} positions but value has {value.shape[2]}")
         old_keys, old_values = self._chronological(min(self.length, self.window - 1))
@@ -232,6 +236,19 @@ class CrossAttentionCache:
         return f"CrossAttentionCache({'empty' if shape is None else shape})"
 
 
+def _check_dtype(dtype: object) -> None:
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+
+
+def _check_like_buffer(name: str, x: Tensor, buffer: Tensor) -> None:
+    """No silent casts or copies across devices: new entries match the cache's buffers."""
+    if x.dtype != buffer.dtype:
+        raise TypeError(f"{name} has dtype {x.dtype} but the cache holds {buffer.dtype}")
+    if x.device != buffer.device:
+        raise ValueError(f"{name} is on {x.device} but the cache is on {buffer.device}")
+
+
 def _check_index(beam_indices: object, batch: int) -> Tensor:
     if not isinstance(beam_indices, Tensor):
         raise TypeError(f"beam_indices must be a torch.Tensor, got {type(beam_indices).__name__}")
@@ -242,4 +259,6 @@ def _check_index(beam_indices: object, batch: int) -> Tensor:
             f"beam_indices must have shape ({batch},), one source row per cache row, "
             f"got {tuple(beam_indices.shape)}"
         )
+    if batch and (int(beam_indices.min()) < 0 or int(beam_indices.max()) >= batch):
+        raise ValueError(f"beam_indices must be rows in [0, {batch}), got {beam_indices.tolist()}")
     return beam_indices

@@ -136,9 +136,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (UserError, ValueError, FileNotFoundError) as error:
+    except (UserError, ValueError, OSError) as error:
+        # What the user asked for cannot be done (a bad value; a missing, unreadable or
+        # damaged file; a full disk): one line, no traceback.
         print(f"multihead {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except FloatingPointError as error:  # training stopped on a non-finite loss/gradient
+        print(f"multihead {args.command}: stopped: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"multihead {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -46,6 +46,8 @@ def _check_qkv(query: object, key: object, value: object) -> tuple[Tensor, Tenso
     batch, heads, _, head_dim = query.shape
     if heads == 0:
         raise ValueError("query has 0 heads; at least one is needed")
+    if head_dim == 0:
+        raise ValueError("query has head_dim 0; each head needs at least one feature")
     if key.shape[-1] != head_dim:
         raise ValueError(f"key has head_dim {key.shape[-1]} but query has head_dim {head_dim}")
     if key.shape[1] != value.shape[1]:
@@ -109,6 +111,45 @@ def _check_mask(mask: object, query: Tensor, key: Tensor) -> Mask | Tensor | Non
     return mask
 
 
+def _check_finite(request: Request) -> None:
+    """Refuse NaN/inf in query, key, value, and NaN/+inf in a float mask (-inf is "blocked")."""
+    for name, tensor in (
+        ("query", request.query),
+        ("key", request.key),
+        ("value", request.value),
+        ("mask", request.bias),
+    ):
+        if tensor is None or not tensor.dtype.is_floating_point:
+            continue
+        if bool(tensor.sum().isfinite()):  # one fast reduction: the common, clean case
+            continue
+        bad = tensor.isnan() | (tensor == torch.inf) if name == "mask" else ~tensor.isfinite()
+        if bool(bad.any()):
+            first = tuple(int(i) for i in bad.nonzero()[0])
+            what = "NaN or +inf (-inf, blocked, is fine)" if name == "mask" else "NaN or inf"
+            raise ValueError(
+                f"{name} has {int(bad.sum())} values that are {what}, the first at index "
+                f"{first} (check_finite=True)"
+            )
+
+
+def _nan_where_query_is_not_finite(query: Tensor, output: Tensor) -> Tensor:
+    """A query row holding NaN/inf gives a NaN output row, in every kernel.
+
+    torch's fused kernels (sdpa, and the tiles of the tiled kernel) treat a row whose scores
+    are all NaN as fully masked and return 0 for it, which would hide the fault. A row's sum
+    is non-finite exactly when the row is (or when it overflows, and then so do its scores):
+    one reduction over the queries. On the CPU the whole sum decides first whether anything
+    needs doing; elsewhere the output gets the (zero or NaN) correction without a host sync.
+    """
+    if query.numel() == 0:
+        return output
+    if output.device.type == "cpu" and math.isfinite(query.detach().sum().item()):
+        return output
+    poison = query.sum(dim=-1, keepdim=True) * 0  # 0, or NaN where the row is not finite
+    return output + poison.to(output.dtype)
+
+
 def _causal_alignment(causal: object) -> str | None:
     if causal is False or causal is None:
         return None
@@ -138,6 +179,7 @@ def _request(
     dropout_p: object,
     softcap: object,
     return_weights: bool,
+    check_finite: object = False,
 ) -> Request:
     query, key, value = _check_qkv(query, key, value)
     checked = _check_mask(mask, query, key)
@@ -154,6 +196,8 @@ def _request(
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
     if softcap is not None and not _is_positive_number(softcap):
         raise ValueError(f"softcap must be a positive finite number or None, got {softcap!r}")
+    if not isinstance(check_finite, bool):
+        raise TypeError(f"check_finite must be a bool, got {type(check_finite).__name__}")
 
     q_len, k_len = query.shape[2], key.shape[2]
     is_causal = False
@@ -165,7 +209,7 @@ def _request(
         # A plain top-left causal mask is SDPA's fast path: no mask tensor is built.
         is_causal = structured is None and bias is None and align == "top-left"
         structured = causal_mask if structured is None else structured & causal_mask
-    return Request(
+    request = Request(
         query=query,
         key=key,
         value=value,
@@ -177,6 +221,9 @@ def _request(
         softcap=float(softcap) if softcap is not None else None,
         return_weights=return_weights,
     )
+    if check_finite:
+        _check_finite(request)
+    return request
 
 
 def select_kernel(request: Request, kernel: str = "auto"):
@@ -211,6 +258,7 @@ def attention(
     softcap: float | None = ...,
     return_weights: Literal[False] = ...,
     kernel: KernelArg = ...,
+    check_finite: bool = ...,
 ) -> Tensor: ...
 
 
@@ -227,6 +275,7 @@ def attention(
     softcap: float | None = ...,
     return_weights: Literal[True],
     kernel: KernelArg = ...,
+    check_finite: bool = ...,
 ) -> tuple[Tensor, Tensor]: ...
 
 
@@ -242,6 +291,7 @@ def attention(
     softcap: float | None = None,
     return_weights: bool = False,
     kernel: KernelArg = "auto",
+    check_finite: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Multi-head scaled dot-product attention: softmax(Q Kᵀ · scale) V per head.
 
@@ -258,19 +308,30 @@ def attention(
         softcap: if set, scores become softcap·tanh(scores/softcap).
         return_weights: also return the weights (batch, heads, q_len, k_len).
         kernel: "auto" (fastest that supports the call), "sdpa" or "reference".
+        check_finite: first scan the inputs and raise ValueError, naming the argument, if
+            query, key or value hold NaN/inf or a float mask holds NaN/+inf. Off by default:
+            the scan costs a pass over the inputs and a host sync.
 
-    A query with no visible key gets output 0 and weights 0 (never NaN).
+    A query with no visible key gets output 0 and weights 0 (never NaN). Without
+    ``check_finite``, non-finite inputs are not refused, and they show in the output: a
+    NaN/inf in a query row makes that output row NaN in every kernel, and a NaN in a key or
+    value reaches the outputs that see it. One exception: without a mask, torch's fused
+    kernels (sdpa, tiled) return 0 for a query whose every key is NaN, as for a fully masked
+    row. The training loop's non-finite guard stops (or skips) on what follows.
     """
-    request = _request(query, key, value, mask, causal, scale, dropout_p, softcap, return_weights)
+    request = _request(
+        query, key, value, mask, causal, scale, dropout_p, softcap, return_weights, check_finite
+    )
     chosen = select_kernel(request, kernel)  # validates ``kernel`` even when keys are empty
     if request.k_len == 0:  # nothing to attend to: every row is fully masked
         output = request.query.new_zeros(*request.query.shape[:3], request.value.shape[-1])
         weights = request.query.new_zeros(*request.query.shape[:3], 0)
-        return (output, weights) if return_weights else output
-    output, weights = chosen.forward(request)
+    else:
+        output, weights = chosen.forward(request)
+    output = _nan_where_query_is_not_finite(request.query, output)
     if return_weights:
         assert weights is not None
-        return output, weights
+        return output, _nan_where_query_is_not_finite(request.query, weights)
     return output
 
 
@@ -286,9 +347,12 @@ def explain(
     softcap: float | None = None,
     return_weights: bool = False,
     kernel: KernelArg = "auto",
+    check_finite: bool = False,
 ) -> str:
     """One line: which kernel `attention` runs for these arguments, and why."""
-    request = _request(query, key, value, mask, causal, scale, dropout_p, softcap, return_weights)
+    request = _request(
+        query, key, value, mask, causal, scale, dropout_p, softcap, return_weights, check_finite
+    )
     chosen = select_kernel(request, kernel)
     if request.k_len == 0:
         return "none: the keys are empty, so the output is zeros"

@@ -26,7 +26,7 @@ def _embed(tokens: list[str], embed_dim: int, generator: torch.Generator) -> Ten
     div = torch.exp(torch.arange(0, embed_dim, 2) * (-math.log(10000.0) / embed_dim))
     pe = torch.zeros(len(tokens), embed_dim)
     pe[:, 0::2] = torch.sin(position * div)
-    pe[:, 1::2] = torch.cos(position * div)
+    pe[:, 1::2] = torch.cos(position * div)[:, : embed_dim // 2]
     return (table[ids] + pe).unsqueeze(0)  # (1, seq, embed)
 
 
@@ -49,8 +49,8 @@ def run(embed_dim: int = 32, num_heads: int = 4, seed: int = 0) -> float:
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     tokens = SENTENCE.split()
+    layer = MultiHeadAttention(embed_dim, num_heads).eval()  # validates the sizes first
     x = _embed(tokens, embed_dim, generator)
-    layer = MultiHeadAttention(embed_dim, num_heads).eval()
 
     print(
         f'Sentence: "{SENTENCE}" ({len(tokens)} tokens), embed_dim={embed_dim}, '

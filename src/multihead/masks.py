@@ -159,6 +159,19 @@ def _check_len(name: str, value: int) -> None:
         raise ValueError(f"{name} must be >= 0, got {value}")
 
 
+def _as_int_tensor(name: str, value: object) -> Tensor:
+    """``value`` as a tensor; TypeError (not torch's RuntimeError) for what is not numbers."""
+    if isinstance(value, Tensor):
+        return value
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TypeError(
+            f"{name} must be a tensor or a (nested) list of ints, got {type(value).__name__} "
+            f"({error})"
+        ) from None
+
+
 def causal(q_len: int, k_len: int | None = None, align: str = "top-left") -> Mask:
     """Each query sees only keys at or before its own position.
 
@@ -205,7 +218,7 @@ def padding(
 
     ``q_len`` defaults to ``max_len`` (self-attention over the same padded batch).
     """
-    lengths = torch.as_tensor(lengths)
+    lengths = _as_int_tensor("lengths", lengths)
     if lengths.ndim != 1:
         raise ValueError(f"lengths must be 1-D (batch,), got shape {tuple(lengths.shape)}")
     if lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
@@ -235,7 +248,7 @@ def documents(doc_ids: Tensor | list[int] | list[list[int]]) -> Mask:
     ``doc_ids`` is (seq,) or (batch, seq): the document each position belongs to.
     Combine with ``causal`` for packed causal language modelling.
     """
-    ids = torch.as_tensor(doc_ids)
+    ids = _as_int_tensor("doc_ids", doc_ids)
     if ids.dtype.is_floating_point or ids.dtype == torch.bool:
         raise TypeError(f"doc_ids must be an integer tensor, got {ids.dtype}")
     if ids.ndim == 1:

@@ -237,6 +237,22 @@ def _sum_groups(grad: Tensor, num_kv_heads: int) -> Tensor:
     return grad.unflatten(1, (num_kv_heads, -1)).sum(2)
 
 
+def _merge(outs: list[Tensor], lses: list[Tensor], out: Tensor, lse: Tensor) -> None:
+    """Write the merge of a row block's tile results into ``out`` and ``lse``.
+
+    Each tile's output is softmax-normalised over its own keys; weighted by its share of the
+    mass, exp(lse_j − lse) with lse = log Σ_j exp(lse_j), they sum to the exact output. Done
+    once per row block (a few passes) rather than tile by tile (ten small ops per tile).
+    """
+    stacked = torch.stack(lses)  # (tiles, B, H, bq, 1)
+    total = torch.logsumexp(stacked, dim=0)
+    weights = torch.exp(stacked - total.masked_fill(total == -torch.inf, 0.0))
+    lse.copy_(total)
+    out.zero_()
+    for tile_out, weight in zip(outs, weights, strict=True):
+        out.addcmul_(tile_out, weight)
+
+
 class _TiledAttention(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -257,8 +273,8 @@ class _TiledAttention(torch.autograd.Function):
         lse = query.new_full((*query.shape[:3], 1), -torch.inf, dtype=compute)
         for i, (q0, q1) in enumerate(q_blocks):
             q = query[..., q0:q1, :]
-            acc: Tensor | None = None
-            acc_lse = lse[..., q0:q1, :]
+            tile_outs: list[Tensor] = []
+            tile_lses: list[Tensor] = []
             for j in tiling.key_blocks(i, len(k_blocks)):
                 k0, k1 = k_blocks[j]
                 mask = _tile_mask(tiling, i, j, q0, q1, k0, k1, query.device)
@@ -266,17 +282,10 @@ class _TiledAttention(torch.autograd.Function):
                 v = _expand_heads(value[..., k0:k1, :], heads)
                 tile = i * len(k_blocks) + j
                 tile_out, tile_lse = _tile_forward(q, k, v, mask, scale, softcap, dropout, tile)
-                if acc is None:
-                    acc, acc_lse = tile_out, tile_lse
-                    continue
-                # Merge: both parts are softmax-normalised; weight them by their mass.
-                new_lse = torch.logaddexp(acc_lse, tile_lse)
-                safe = new_lse.masked_fill(new_lse == -torch.inf, 0.0)
-                acc = acc * torch.exp(acc_lse - safe) + tile_out * torch.exp(tile_lse - safe)
-                acc_lse = new_lse
-            if acc is not None:  # else no key block was visible: the rows stay 0
-                out[..., q0:q1, :] = acc
-                lse[..., q0:q1, :] = acc_lse
+                tile_outs.append(tile_out)
+                tile_lses.append(tile_lse)
+            if tile_outs:  # else no key block was visible: the rows stay 0
+                _merge(tile_outs, tile_lses, out[..., q0:q1, :], lse[..., q0:q1, :])
         output = out.to(query.dtype)
         ctx.save_for_backward(query, key, value, output, lse)
         ctx.tiling, ctx.scale, ctx.softcap, ctx.dropout = tiling, scale, softcap, dropout
@@ -350,6 +359,89 @@ def tiled_attention(
     return _TiledAttention.apply(query, key, value, tiling, scale, softcap, dropout)
 
 
+def _positions(name: str, index: object, size: int, device: torch.device) -> Tensor:
+    """``index`` (None = all, a slice, or 1-D integer indices) as int64 positions < size."""
+    if index is None or isinstance(index, slice):
+        return torch.arange(size, device=device)[index if index is not None else slice(None)]
+    if isinstance(index, list | tuple):
+        index = torch.as_tensor(index, dtype=torch.int64)
+    if (
+        not isinstance(index, Tensor)
+        or index.dtype.is_floating_point
+        or index.dtype.is_complex
+        or index.dtype == torch.bool
+    ):
+        raise TypeError(f"{name} must be None, a slice or 1-D integer indices, got {index!r}")
+    if index.ndim != 1:
+        raise ValueError(f"{name} must be 1-D indices, got shape {tuple(index.shape)}")
+    if index.numel() and (int(index.min()) < -size or int(index.max()) >= size):
+        raise ValueError(f"{name} must be in [-{size}, {size}), got {index.tolist()}")
+    return index.to(device=device, dtype=torch.int64) % max(size, 1)
+
+
+def tiled_weights(
+    query: Tensor,
+    key: Tensor,
+    lse: Tensor,
+    *,
+    rows: slice | Tensor | None = None,
+    heads: slice | Tensor | None = None,
+    mask: Mask | None = None,
+    bias: Tensor | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+) -> Tensor:
+    """The attention weights of some query rows and heads, recomputed from the log-sum-exp.
+
+    ``lse`` (batch, heads, q_len) is what `tiled_attention` returned for the same inputs,
+    mask, scale and softcap. A weight is exp(score − lse): exact, and only the requested
+    (rows × k_len) scores of the requested heads are built, so a long sequence can be
+    inspected without the full matrix. ``rows``/``heads``: None (all), a slice or 1-D integer
+    indices; a key/value head serves its query group (GQA). Returns (batch, len(heads),
+    len(rows), k_len) in fp32 (fp64 for fp64 inputs), the reference kernel's weights for those
+    rows and heads (before dropout); a row that sees no key gets weights 0.
+    """
+    batch, num_heads, q_len, _ = query.shape
+    k_len, kv_heads = key.shape[2], key.shape[1]
+    if tuple(lse.shape) != (batch, num_heads, q_len):
+        raise ValueError(
+            f"lse has shape {tuple(lse.shape)} but query needs (batch, heads, q_len) = "
+            f"{(batch, num_heads, q_len)}, as tiled_attention returns it"
+        )
+    if mask is not None and (mask.q_len, mask.k_len) != (q_len, k_len):
+        raise ValueError(
+            f"mask is {mask.q_len}x{mask.k_len} (q_len x k_len) but the inputs are {q_len}x{k_len}"
+        )
+    device = query.device
+    row_idx = _positions("rows", rows, q_len, device)
+    head_idx = _positions("heads", heads, num_heads, device)
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    compute = torch.float64 if query.dtype == torch.float64 else torch.float32
+
+    q = query[:, head_idx][:, :, row_idx].to(compute)  # (B, h, r, D)
+    k = key[:, head_idx // (num_heads // kv_heads)].to(compute)  # (B, h, K, D)
+    allowed = None
+    if mask is not None:
+        b = torch.arange(1 if mask.batch is None else mask.batch, device=device).view(-1, 1, 1)
+        k_idx = torch.arange(k_len, device=device).view(1, 1, -1)
+        allowed = mask.mask_mod(b, row_idx.view(1, -1, 1), k_idx).unsqueeze(1)
+    selected = None
+    if bias is not None:
+        selected = bias.view(1, 1, *bias.shape) if bias.ndim == 2 else bias
+        selected = selected if selected.shape[1] == 1 else selected[:, head_idx]
+        selected = selected[..., row_idx, :]
+    if selected is None or allowed is None:
+        tile = allowed if selected is None else selected
+    elif selected.dtype == torch.bool:
+        tile = selected & allowed
+    else:
+        tile = selected.masked_fill(~allowed, -torch.inf)
+    scores, _ = _scores(q, k, tile, scale, softcap)
+    row_lse = lse[:, head_idx][:, :, row_idx].unsqueeze(-1).to(compute)
+    # A row that saw no key has lse −inf: use +inf, so that every weight in it is 0.
+    return torch.exp(scores - row_lse.masked_fill(row_lse == -torch.inf, torch.inf))
+
+
 def unsupported(request: Request) -> str | None:
     """Why the tiled kernel cannot serve this request, or None if it can."""
     if request.return_weights:
@@ -370,6 +462,8 @@ def _visited_fraction(request: Request) -> float:
         request.q_len, request.k_len, request.structured, request.bias, BLOCK_Q, BLOCK_K
     )
     n_q, n_k = math.ceil(request.q_len / BLOCK_Q), math.ceil(request.k_len / BLOCK_K)
+    if n_q * n_k == 0:  # no queries or no keys: there is nothing to visit
+        return 0.0
     return sum(len(tiling.key_blocks(i, n_k)) for i in range(n_q)) / (n_q * n_k)
 
 

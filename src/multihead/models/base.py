@@ -2,8 +2,12 @@
 
 A directory holds ``config.json`` (the model's dataclass config) and ``model.safetensors``
 (its state dict). No pickle is involved, so loading a directory someone sent you cannot run
-their code. Shapes are checked against the config before anything is loaded, so a mismatch
-names the tensor instead of failing deep inside ``load_state_dict``.
+their code. Before anything is allocated the config is validated (its dataclass checks every
+field), the model is built on the ``meta`` device (shapes, no memory) and compared with the
+weights file's header: names, shapes and dtypes must fit, so a mismatch names the tensor
+instead of failing deep inside ``load_state_dict``, and a config with absurd sizes is refused
+instead of exhausting memory (the weights it needs must be in the file, and what the model
+rebuilds from the config alone, such as position tables, is capped at `MAX_REBUILT_BYTES`).
 """
 
 from __future__ import annotations
@@ -18,12 +22,45 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PretrainedMixin"]
+from ..safe_files import Header, check_against, read_header
+
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PretrainedMixin", "check_input", "check_token_ids"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+MAX_CONFIG_BYTES = 1 << 20
+# Buffers a model builds from its config alone (not stored in the weights file).
+MAX_REBUILT_BYTES = 1 << 28
 
 M = TypeVar("M", bound="PretrainedMixin")
+
+
+def check_token_ids(name: str, ids: object, vocab_size: int, weight: torch.Tensor) -> torch.Tensor:
+    """Token ids must be an integer (batch, seq) tensor of ids < vocab_size beside ``weight``."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(ids).__name__}")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer token ids, got {ids.dtype}")
+    if ids.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (batch, seq), got shape {tuple(ids.shape)}")
+    if ids.device != weight.device:
+        raise ValueError(f"{name} is on {ids.device} but the model is on {weight.device}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise ValueError(
+            f"{name} has ids in [{int(ids.min())}, {int(ids.max())}] but vocab_size is {vocab_size}"
+        )
+    return ids
+
+
+def check_input(name: str, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A float input must have the dtype and device of the model's ``weight`` (no silent casts)."""
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"{name} has dtype {x.dtype} but the model's weights are {weight.dtype}")
+    if x.device != weight.device:
+        raise ValueError(f"{name} is on {x.device} but the model is on {weight.device}")
+    return x
 
 
 class PretrainedMixin:
@@ -49,14 +86,58 @@ class PretrainedMixin:
         path = Path(directory) / CONFIG_NAME
         if not path.is_file():
             raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: is it a saved model?")
-        data = json.loads(path.read_text())
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ValueError(f"{path} is {path.stat().st_size} bytes: too big for a config")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{path} is not valid JSON ({error})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
         fields = {f.name for f in dataclasses.fields(cls.config_class)}
         unknown = sorted(set(data) - fields)
         if unknown:
             raise ValueError(
                 f"{path} has fields {unknown} that {cls.config_class.__name__} does not know"
             )
-        return cls.config_class(**data)
+        try:
+            return cls.config_class(**data)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{path}: {error}") from None
+
+    @classmethod
+    def _check_fits(cls, config: Any, header: Header) -> None:
+        """Refuse weights that do not fit ``config``, before any memory is allocated."""
+        # Every layer has weights: a layer count beyond the file's tensor count is absurd
+        # (and building that many layers, even without memory, would take forever).
+        for field in dataclasses.fields(config):
+            value = getattr(config, field.name)
+            if (
+                field.name.endswith("layers")
+                and isinstance(value, int)
+                and value > len(header.tensors)
+            ):
+                raise ValueError(
+                    f"{CONFIG_NAME} says {field.name}={value} but {header.path} holds only "
+                    f"{len(header.tensors)} tensors"
+                )
+        with torch.device("meta"):
+            skeleton = cls(config)  # type: ignore[call-arg]
+        assert isinstance(skeleton, nn.Module)
+        what = f"{cls.__name__}({config})"
+        check_against(header, skeleton.state_dict(), what=what, convert_floats=True)
+        saved = {id(t) for t in skeleton.state_dict(keep_vars=True).values()}
+        rebuilt = sum(
+            t.numel() * t.element_size()
+            for t in {id(t): t for t in [*skeleton.parameters(), *skeleton.buffers()]}.values()
+            if id(t) not in saved
+        )
+        if rebuilt > MAX_REBUILT_BYTES:
+            raise ValueError(
+                f"{CONFIG_NAME} in {header.path.parent} asks for {rebuilt / 2**30:.1f} GiB of "
+                f"buffers beyond the weights file (limit {MAX_REBUILT_BYTES / 2**30:.2f} GiB): "
+                "check sizes such as max_len"
+            )
 
     @classmethod
     def from_pretrained(
@@ -68,25 +149,10 @@ class PretrainedMixin:
         weights = directory / WEIGHTS_NAME
         if not weights.is_file():
             raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}: is it a saved model?")
+        cls._check_fits(config, read_header(weights))
         model = cls(config)  # type: ignore[call-arg]
         assert isinstance(model, nn.Module)
-        expected = model.state_dict()
-        state = {}
         with safe_open(str(weights), framework="pt", device=str(device)) as file:
-            missing = sorted(set(expected) - set(file.keys()))
-            unexpected = sorted(set(file.keys()) - set(expected))
-            if missing or unexpected:
-                raise ValueError(
-                    f"{weights} does not fit {cls.__name__}({config}): "
-                    f"missing {missing[:5]}, unexpected {unexpected[:5]}"
-                )
-            for name in expected:
-                shape = tuple(file.get_slice(name).get_shape())
-                if shape != tuple(expected[name].shape):
-                    raise ValueError(
-                        f"{weights}: {name} has shape {shape} but the config gives "
-                        f"{tuple(expected[name].shape)}"
-                    )
-                state[name] = file.get_tensor(name)
+            state = {name: file.get_tensor(name) for name in model.state_dict()}
         model.load_state_dict(state)
         return model.to(device).eval()

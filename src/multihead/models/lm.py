@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from ..cache import KVCache
 from ..positional import LearnedPositions, SinusoidalPositions
 from ..transformer import Encoder
-from .base import PretrainedMixin
+from .base import PretrainedMixin, check_token_ids
 
 __all__ = ["LMConfig", "TransformerLM"]
 
@@ -53,6 +53,26 @@ class LMConfig:
             )
         if self.positions not in ("sinusoidal", "learned"):
             raise ValueError(f"positions must be 'sinusoidal' or 'learned', got {self.positions!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, int | float):
+            raise TypeError(f"dropout must be a number, got {type(self.dropout).__name__}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.activation not in ("relu", "gelu"):
+            raise ValueError(f"activation must be 'relu' or 'gelu', got {self.activation!r}")
+        if self.norm not in ("layernorm", "rmsnorm"):
+            raise ValueError(f"norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}")
+        kv = self.num_kv_heads
+        if kv is not None and (
+            isinstance(kv, bool) or not isinstance(kv, int) or kv <= 0 or self.num_heads % kv
+        ):
+            raise ValueError(
+                f"num_kv_heads must be None or a positive divisor of num_heads "
+                f"({self.num_heads}), got {kv!r}"
+            )
+        if self.eos_id is not None and (
+            isinstance(self.eos_id, bool) or not isinstance(self.eos_id, int)
+        ):
+            raise TypeError(f"eos_id must be an int or None, got {self.eos_id!r}")
         if self.eos_id is not None and not 0 <= self.eos_id < self.vocab_size:
             raise ValueError(
                 f"eos_id must be in [0, vocab_size={self.vocab_size}), got {self.eos_id}"
@@ -88,12 +108,7 @@ class TransformerLM(PretrainedMixin, nn.Module):
         self, ids: Tensor, *, offset: int = 0, caches: list[KVCache] | None = None
     ) -> Tensor:
         """ids (B, T) at positions offset.. → logits (B, T, vocab). Always causal."""
-        if not isinstance(ids, Tensor):
-            raise TypeError(f"ids must be a torch.Tensor, got {type(ids).__name__}")
-        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
-            raise TypeError(f"ids must hold integer token ids, got {ids.dtype}")
-        if ids.ndim != 2:
-            raise ValueError(f"ids must be 2-D (batch, seq), got shape {tuple(ids.shape)}")
+        check_token_ids("ids", ids, self.config.vocab_size, self.embedding.weight)
         x = self.dropout(self.positions(self.embedding(ids), offset))
         h = self.blocks(x, causal=True, caches=caches)
         return F.linear(h, self.embedding.weight) if self.head is None else self.head(h)
@@ -124,7 +139,8 @@ class TransformerLM(PretrainedMixin, nn.Module):
             raise TypeError(f"max_new_tokens must be an int, got {type(max_new_tokens).__name__}")
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if ids.ndim != 2 or ids.shape[1] == 0:
+        check_token_ids("ids", ids, self.config.vocab_size, self.embedding.weight)
+        if ids.shape[1] == 0:
             raise ValueError(
                 f"ids must be a non-empty (batch, prompt) tensor, got {tuple(ids.shape)}"
             )

@@ -62,6 +62,8 @@ class Seq2SeqConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         ids = {"pad_id": self.pad_id, "bos_id": self.bos_id, "eos_id": self.eos_id}
         for name, value in ids.items():
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {value!r}")
             if not 0 <= value < self.vocab_size:
                 raise ValueError(
                     f"{name} must be in [0, vocab_size={self.vocab_size}), got {value}"
@@ -121,6 +123,9 @@ class Seq2SeqTransformer(PretrainedMixin, nn.Module):
             raise TypeError(f"{name} must hold integer token ids, got {ids.dtype}")
         if ids.ndim != 2:
             raise ValueError(f"{name} must be 2-D (batch, seq), got shape {tuple(ids.shape)}")
+        weight = next(self.parameters())
+        if ids.device != weight.device:
+            raise ValueError(f"{name} is on {ids.device} but the model is on {weight.device}")
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
             raise ValueError(
                 f"{name} has ids in [{int(ids.min())}, {int(ids.max())}] but vocab_size is "

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ..masks import padding
 from ..positional import SinusoidalPositions
 from ..transformer import Encoder
-from .base import PretrainedMixin
+from .base import PretrainedMixin, check_input
 
 __all__ = ["SpeechEncoder", "SpeechEncoderConfig"]
 
@@ -50,7 +50,8 @@ class SpeechEncoderConfig:
     mel_scale: str = "htk"
 
     def __post_init__(self) -> None:
-        for name in ("n_mels", "vocab_size", "d_model", "num_heads", "num_layers"):
+        for name in ("n_mels", "vocab_size", "d_model", "num_heads", "num_layers",
+                     "dim_feedforward", "conv_channels", "max_len"):  # fmt: skip
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -62,6 +63,12 @@ class SpeechEncoderConfig:
             raise ValueError(
                 f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})"
             )
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, int | float):
+            raise TypeError(f"dropout must be a number, got {type(self.dropout).__name__}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.activation not in ("relu", "gelu"):
+            raise ValueError(f"activation must be 'relu' or 'gelu', got {self.activation!r}")
 
 
 def subsampled_length(lengths: Tensor) -> Tensor:
@@ -86,7 +93,7 @@ class SpeechEncoder(PretrainedMixin, nn.Module):
             nn.Conv2d(c.conv_channels, c.conv_channels, 3, stride=2),
             act,
         )
-        reduced_mels = int(subsampled_length(torch.tensor(c.n_mels)))
+        reduced_mels = int(subsampled_length(torch.tensor(c.n_mels, device="cpu")))
         self.input_proj = nn.Linear(c.conv_channels * reduced_mels, c.d_model)
         self.positions = SinusoidalPositions(c.d_model, c.max_len)
         self.dropout = nn.Dropout(c.dropout)
@@ -107,6 +114,7 @@ class SpeechEncoder(PretrainedMixin, nn.Module):
             raise ValueError(
                 f"feats must be (batch, frames, {self.config.n_mels}), got {tuple(feats.shape)}"
             )
+        check_input("feats", feats, self.head.weight)
         if lengths is None:
             lengths = torch.full((feats.shape[0],), feats.shape[1], dtype=torch.long)
         if not isinstance(lengths, Tensor) or lengths.shape != (feats.shape[0],):

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ..positional import LearnedPositions
 from ..transformer import Encoder
-from .base import PretrainedMixin
+from .base import PretrainedMixin, check_input
 
 __all__ = ["ViT", "ViTConfig"]
 
@@ -126,7 +126,7 @@ class ViT(PretrainedMixin, nn.Module):
                 f"images must be (batch, {', '.join(map(str, expected))}), "
                 f"got {tuple(images.shape)}"
             )
-        return images
+        return check_input("images", images, self.patch_embedding.weight)
 
     def patches(self, images: Tensor) -> Tensor:
         """(batch, channels, H, W) → patch embeddings (batch, num_patches, d_model), row-major."""

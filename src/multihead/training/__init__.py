@@ -2,9 +2,12 @@
 
 from .checkpoint import (
     Checkpoint,
+    CheckpointError,
     capture_rng,
+    find_checkpoint,
     has_checkpoint,
     load_checkpoint,
+    previous_checkpoint,
     restore_rng,
     save_checkpoint,
 )
@@ -19,15 +22,18 @@ from .schedule import (
 
 __all__ = [
     "Checkpoint",
+    "CheckpointError",
     "MetricsLog",
     "TrainConfig",
     "TrainResult",
     "Trainer",
     "capture_rng",
+    "find_checkpoint",
     "has_checkpoint",
     "inverse_sqrt_factor",
     "load_checkpoint",
     "plot_curves",
+    "previous_checkpoint",
     "read_log",
     "restore_rng",
     "save_checkpoint",

@@ -10,6 +10,11 @@ scheduler and RNG states and the position in the data, and the batch factory is 
 the same epoch again and fast-forwarded. For that to hold, ``batches(epoch)`` must be a
 deterministic function of ``epoch`` that does not draw from the global RNGs (give it its own
 ``torch.Generator`` seeded from the epoch), and ``evaluate`` must not draw from them either.
+
+A non-finite loss or gradient never reaches the weights: with ``on_nonfinite="stop"`` (the
+default) training stops with a `FloatingPointError` naming the step and the loss or the
+parameter whose gradient it was; with ``"skip"`` the batch is dropped without an update (the
+step counter does not advance) and a ``nonfinite`` record goes to the log.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from torch.optim import AdamW, Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from tqdm.auto import tqdm
 
-from .checkpoint import has_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from .checkpoint import find_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from .log import MetricsLog, plot_curves
 
 __all__ = ["TrainConfig", "TrainResult", "Trainer", "seed_everything"]
@@ -40,6 +45,8 @@ BatchFactory = Callable[[int], Iterable[Any]]
 EvalFn = Callable[[nn.Module, int], Mapping[str, float]]
 ScheduleFactory = Callable[[Optimizer], LRScheduler]
 _END = object()
+# With on_nonfinite="skip", this many non-finite steps in a row stop the run anyway.
+MAX_SKIPS_IN_A_ROW = 20
 
 
 def seed_everything(seed: int) -> None:
@@ -81,6 +88,7 @@ class TrainConfig:
     overwrite: bool = False
     progress_bar: bool = True
     plot: bool = True
+    on_nonfinite: Literal["stop", "skip"] = "stop"
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
@@ -101,6 +109,8 @@ class TrainConfig:
             raise ValueError("give at least one of max_steps, max_epochs, time_budget_minutes")
         if self.best_mode not in ("min", "max"):
             raise ValueError(f"best_mode must be 'min' or 'max', got {self.best_mode!r}")
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
 
 
 @dataclass
@@ -205,6 +215,9 @@ class Trainer:
         self._last_eval_step = -1
         self._last_checkpoint_step = -1
         self._last_loss: float | None = None
+        self.skipped = 0  # steps dropped for a non-finite loss or gradient (this session)
+        self._skips_in_a_row = 0
+        self._names = {id(p): name for name, p in model.named_parameters()}
         self.optimizer = AdamW(
             _param_groups(model, config.weight_decay), lr=config.lr, betas=config.betas
         )
@@ -306,7 +319,9 @@ class Trainer:
                 exhausted = True
                 tick = time.monotonic()
                 for batch in iterator:
-                    self._train_step(batch, window, tick)
+                    if not self._train_step(batch, window, tick):  # skipped: no update
+                        tick = time.monotonic()
+                        continue
                     bar.update(1)
                     self._periodic(window, bar)
                     if self.after_step is not None:
@@ -342,8 +357,11 @@ class Trainer:
         """Load the last checkpoint (resume) or seed a fresh run; return RNG state to restore."""
         config = self.config
         last = self.run_dir / "last"
-        if config.resume and has_checkpoint(last):
-            checkpoint = load_checkpoint(last, self.model, self.optimizer, self.scheduler)
+        found = find_checkpoint(last)
+        if config.resume and found is not None:
+            if found != last:
+                print(f"{last} is missing (interrupted while saving); resuming from {found}")
+            checkpoint = load_checkpoint(found, self.model, self.optimizer, self.scheduler)
             self.step, self.epoch, self.position = (
                 checkpoint.step,
                 checkpoint.epoch,
@@ -356,7 +374,7 @@ class Trainer:
             self._last_checkpoint_step = self.step
             self.log.reset(keep_until_step=self.step)
             return checkpoint.rng
-        if has_checkpoint(last) and not config.resume and not config.overwrite:
+        if found is not None and not config.resume and not config.overwrite:
             raise ValueError(
                 f"{self.run_dir} already holds a checkpoint: pass resume=True to continue it "
                 "or overwrite=True to start over"
@@ -367,20 +385,43 @@ class Trainer:
         self.log.reset()
         return None
 
-    def _train_step(self, batch: Any, window: _Window, tick: float) -> None:
+    def _train_step(self, batch: Any, window: _Window, tick: float) -> bool:
+        """One update on ``batch``; False if it was skipped for a non-finite value."""
         self.model.train()
         loss, metrics = self.loss_fn(batch)
         if not isinstance(loss, Tensor) or loss.ndim != 0:
             raise TypeError("loss_fn must return a scalar loss tensor first")
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {self.step + 1}")
         self.optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            self._nonfinite(f"the loss is {loss.item()}")
+            return False
         loss.backward()
         values = {"loss": loss.item(), "lr": self.optimizer.param_groups[0]["lr"]}
-        if self.config.grad_clip is not None:
-            params = [p for group in self.optimizer.param_groups for p in group["params"]]
-            norm = torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+        with_grad = [p for group in self.optimizer.param_groups for p in group["params"]]
+        with_grad = [p for p in with_grad if p.grad is not None]
+        grads = [p.grad for p in with_grad]
+        # Each gradient's norm, then the total: finite exactly when every gradient is.
+        norms = [torch.linalg.vector_norm(g) for g in grads]
+        norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+        if not torch.isfinite(norm):
+            what = f"the gradient norm is {norm.item()} (overflow)"
+            for param, grad, one in zip(with_grad, grads, norms, strict=True):
+                if not torch.isfinite(one):
+                    kind = "holds NaN" if bool(grad.isnan().any()) else "holds inf"
+                    if bool(grad.isfinite().all()):
+                        kind = "has a norm that overflows"
+                    name = self._names.get(id(param), "an unnamed parameter")
+                    what = f"the gradient of {name} {kind} (the loss was {values['loss']})"
+                    break
+            self.optimizer.zero_grad(set_to_none=True)
+            self._nonfinite(what)
+            return False
+        if self.config.grad_clip is not None:  # as clip_grad_norm_, with the norm at hand
+            coef = torch.clamp(self.config.grad_clip / (norm + 1e-6), max=1.0)
+            for grad in grads:
+                grad.mul_(coef.to(grad.device))
             values["grad_norm"] = norm.item()
+        self._skips_in_a_row = 0
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
@@ -389,6 +430,28 @@ class Trainer:
             values[key] = value.item() if isinstance(value, Tensor) else float(value)
         self._last_loss = values["loss"]
         window.add(time.monotonic() - tick, values)
+        return True
+
+    def _nonfinite(self, what: str) -> None:
+        """Stop, or drop this batch without an update, as ``on_nonfinite`` says."""
+        where = (
+            f"at step {self.step + 1} (epoch {self.epoch}, batch {self.position + 1} of the epoch)"
+        )
+        if self.config.on_nonfinite == "stop":
+            raise FloatingPointError(
+                f"{what} {where}; training stopped before the update, the weights are intact "
+                f"(last checkpoint: {self.run_dir / 'last'}); on_nonfinite='skip' skips such "
+                "steps instead"
+            )
+        self.skipped += 1
+        self._skips_in_a_row += 1
+        self.position += 1  # the batch is consumed; no update, so the step stays
+        self.log.write("nonfinite", self.step, {"epoch": self.epoch, "what": what})
+        if self._skips_in_a_row >= MAX_SKIPS_IN_A_ROW:
+            raise FloatingPointError(
+                f"{what} {where}: {MAX_SKIPS_IN_A_ROW} steps in a row were non-finite and "
+                "skipped, training stopped"
+            )
 
     def _periodic(self, window: _Window, bar: Any) -> None:
         config = self.config
