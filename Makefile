@@ -41,7 +41,9 @@ test: setup
 	$(PY) -m pytest
 
 bench: setup
-	$(PY) benchmarks/bench_layer.py
+	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/bench_layer.py
+	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/bench_seq2seq.py
+	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/bench_scale.py
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
