@@ -294,3 +294,21 @@ def test_combining_with_a_tensor_raises_type_error():
 def test_bad_constructor_arguments(make, error, match):
     with pytest.raises(error, match=match):
         make()
+
+
+@pytest.mark.parametrize("align", ["top-left", "bottom-right"])
+@pytest.mark.parametrize("window", [None, 1, 3, 10])
+@pytest.mark.parametrize(("q_len", "k_len"), [(1, 1), (5, 7), (16, 16), (33, 40), (40, 9)])
+@pytest.mark.parametrize(("block_q", "block_k"), [(1, 1), (2, 3), (5, 4), (8, 16)])
+def test_band_block_structure_equals_the_pairwise_one(
+    align, window, q_len, k_len, block_q, block_k
+):
+    """Causal and sliding-window masks classify tiles from the band's edges; the generic
+    method, which evaluates every (query, key) pair, is the oracle."""
+    band = (
+        masks.causal(q_len, k_len, align)
+        if window is None
+        else masks.sliding_window(q_len, k_len, window, align)
+    )
+    pairwise = masks.Mask.block_structure(band, block_q, block_k)
+    assert torch.equal(band.block_structure(block_q, block_k), pairwise)

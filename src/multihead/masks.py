@@ -152,6 +152,37 @@ class Mask:
         return f"Mask({self.name}, {self.q_len}x{self.k_len}{batch})"
 
 
+@dataclass(frozen=True)
+class BandMask(Mask):
+    """A causal or sliding-window mask: query q may see key k when 0 <= q + offset - k < window.
+
+    Its block structure follows from the band's edges in O(tiles), without evaluating every
+    (query, key) pair, which is most of the cost of skipping tiles on a long sequence.
+    Combined with other masks it becomes a plain `Mask`.
+    """
+
+    offset: int = 0
+    window: int | None = None
+
+    def block_structure(self, block_q: int, block_k: int) -> Tensor:
+        """As `Mask.block_structure`: a tile is empty when the band misses it, full when the
+        band covers it."""
+        if block_q <= 0 or block_k <= 0:
+            raise ValueError(f"block sizes must be positive, got {block_q} and {block_k}")
+        q0 = torch.arange(0, self.q_len, block_q, device=self.device).unsqueeze(1)
+        k0 = torch.arange(0, self.k_len, block_k, device=self.device).unsqueeze(0)
+        q1 = (q0 + block_q).clamp(max=self.q_len)
+        k1 = (k0 + block_k).clamp(max=self.k_len)
+        # distance d = q + offset - k over the tile, from its nearest to its farthest corner
+        d_min = q0 - (k1 - 1) + self.offset
+        d_max = (q1 - 1) - k0 + self.offset
+        window = self.window if self.window is not None else self.q_len + self.k_len + 1
+        empty = (d_max < 0) | (d_min >= window)
+        full = (d_min >= 0) & (d_max < window)
+        structure = torch.where(empty, EMPTY, torch.where(full, FULL, PARTIAL))
+        return structure.to(torch.int8).unsqueeze(0)
+
+
 def _check_len(name: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -185,11 +216,12 @@ def causal(q_len: int, k_len: int | None = None, align: str = "top-left") -> Mas
     if align not in ALIGNMENTS:
         raise ValueError(f"align must be one of {ALIGNMENTS}, got {align!r}")
     offset = 0 if align == "top-left" else k_len - q_len
-    return Mask(
+    return BandMask(
         q_len,
         k_len,
         lambda b, q, k: k <= q + offset,
         "causal" if align == "top-left" else "causal(bottom-right)",
+        offset=offset,
     )
 
 
@@ -203,11 +235,13 @@ def sliding_window(
         raise ValueError("window must be >= 1, got 0")
     causal(q_len, k_len, align)  # validates the lengths and the alignment
     offset = 0 if align == "top-left" else k_len - q_len
-    return Mask(
+    return BandMask(
         q_len,
         k_len,
         lambda b, q, k: (k <= q + offset) & (k > q + offset - window),
         f"sliding_window({window})",
+        offset=offset,
+        window=window,
     )
 
 
