@@ -35,7 +35,7 @@ train-image: setup
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m multihead.cli train image
 
 train-speech: setup
-	OMP_WAIT_POLICY=PASSIVE $(PY) -m multihead.cli train speech
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m multihead.cli train speech --minutes 20 --run-dir runs/speech
 
 test: setup
 	$(PY) -m pytest

@@ -1,0 +1,233 @@
+"""Speech app: splits, features, CTC decoding and a tiny model that learns."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from multihead.apps.speech import augment, data, decode, espeak, features
+from multihead.models import SpeechEncoder, SpeechEncoderConfig
+
+
+@pytest.fixture(scope="module")
+def index_clips() -> list[data.Clip]:
+    """Every FSDD recording as a Clip with a short dummy wave: the splits need no audio."""
+    rows = data.read_index(data.DATA_DIR / "fsdd-digits.tsv")
+    wave = np.full(400, 0.1, dtype=np.float32)
+    return [data.Clip(int(r["digit"]), str(r["speaker"]), int(r["index"]), wave) for r in rows]
+
+
+# -- data -----------------------------------------------------------------------------------------
+def test_splits_are_disjoint_by_recording_and_speaker(index_clips: list[data.Clip]) -> None:
+    parts = data.split(index_clips)
+    keys = {name: {(c.digit, c.speaker, c.index) for c in part} for name, part in parts.items()}
+    assert sum(len(k) for k in keys.values()) == len(index_clips) == 3000
+    assert not keys["train"] & keys["test"]
+    assert not keys["train"] & keys["unseen"]
+    assert not keys["test"] & keys["unseen"]
+    speakers = {name: {c.speaker for c in part} for name, part in parts.items()}
+    assert speakers["unseen"] == {data.UNSEEN_SPEAKER}
+    assert data.UNSEEN_SPEAKER not in speakers["train"] | speakers["test"]
+    assert {c.index for c in parts["test"]} == set(data.TEST_INDICES)
+    assert min(c.index for c in parts["train"]) == 5
+    with pytest.raises(ValueError, match="unseen_speaker"):
+        data.split(index_clips, unseen_speaker="nobody")
+
+
+def test_utterances_are_built_only_from_their_split(index_clips: list[data.Clip]) -> None:
+    parts = data.split(index_clips)
+    test = data.eval_set(parts["test"], 40, seed=1)
+    unseen = data.eval_set(parts["unseen"], 20, seed=2)
+    assert all(set(u.takes) <= data.TEST_INDICES for u in test)
+    assert all(u.speaker != data.UNSEEN_SPEAKER for u in test)
+    assert all(u.speaker == data.UNSEEN_SPEAKER for u in unseen)
+    assert all(1 <= len(u.digits) <= 7 and len(u.takes) == len(u.digits) for u in test)
+    again = data.eval_set(parts["test"], 40, seed=1)  # fixed seeds: the same set every time
+    assert [u.text for u in again] == [u.text for u in test]
+    assert np.array_equal(again[0].wave, test[0].wave)
+
+
+def test_noisy_margins_only_when_asked(index_clips: list[data.Clip]) -> None:
+    clips = data.split(index_clips)["train"]
+    plain = data.UtteranceSampler(clips, data.SynthConfig(), seed=4).sample()
+    config = data.SynthConfig(margin_prob=1.0, margin=(0.1, 0.1))
+    padded = data.UtteranceSampler(clips, config, seed=4).sample()
+    assert padded.digits == plain.digits  # same draws up to the margins
+    assert len(padded.wave) > len(plain.wave) + 0.2 * 8000 * len(plain.digits) - 8000
+    rng = np.random.default_rng(0)
+    falling = np.abs(np.fft.rfft(augment.colored_noise(8000, rng, tilt=-2.0))) ** 2
+    rising = np.abs(np.fft.rfft(augment.colored_noise(8000, rng, tilt=1.0))) ** 2
+    assert falling[:400].mean() > 10 * falling[-400:].mean()
+    assert rising[-400:].mean() > 10 * rising[:400].mean()
+
+
+def test_training_batches_are_deterministic_per_epoch(index_clips: list[data.Clip]) -> None:
+    from multihead.apps.speech.train import TrainingBatches
+
+    clips = data.split(index_clips)["train"]
+    config = augment.AugmentConfig()
+    batches = TrainingBatches(clips, [], features.FeatureConfig(), config, 4, 8, 0.0, 0, 4)
+    first = [b.feats for b in batches(3)]  # through the prefetching thread
+    again = [b.feats for b in batches._batches(3)]
+    assert len(first) == 8 and all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not torch.equal(first[0], next(iter(batches(4))).feats)
+    assert batches.augment_at(0).prob == 0.0 and batches.augment_at(4).prob == 1.0
+
+
+# -- features -------------------------------------------------------------------------------------
+def test_log_mel_shape_padding_and_normalisation() -> None:
+    config = features.FeatureConfig(n_mels=40)
+    waves = torch.randn(3, 8000) * torch.linspace(0.1, 1, 8000)
+    lengths = torch.tensor([8000, 4000, 1600])
+    feats, frames = features.log_mel(waves, lengths, config)
+    assert feats.shape == (3, 8000 // 80 + 1, 40)
+    assert frames.tolist() == [101, 51, 21]
+    assert feats[1, 51:].abs().max() == 0 and feats[2, 21:].abs().max() == 0
+    real = feats[1, :51]
+    assert torch.allclose(real.mean(0), torch.zeros(40), atol=1e-4)
+    assert torch.allclose(real.std(0, unbiased=False), torch.ones(40), atol=1e-2)
+    warped, _ = features.log_mel(waves, lengths, config, warps=torch.tensor([0.9, 1.0, 1.1]))
+    assert torch.allclose(warped[1], feats[1], atol=1e-5)  # warp 1.0 changes nothing
+    with pytest.raises(ValueError, match="waves"):
+        features.log_mel(torch.randn(8000), config=config)
+
+
+@pytest.mark.parametrize("scale", ["htk", "slaney"])
+@pytest.mark.parametrize("warp", [1.0, 0.88, 1.12])
+def test_mel_filterbank_triangles(scale: str, warp: float) -> None:
+    # A fine frequency grid samples every triangle near its apex.
+    bank = features.mel_filterbank(8193, 8000, 40, 20.0, 4000.0, scale, warp)
+    assert bank.shape == (40, 8193) and bank.min() >= 0
+    assert torch.allclose(bank.max(1).values, torch.ones(40), atol=0.01)
+    centres = bank.argmax(1)
+    assert (centres[1:] > centres[:-1]).all()  # strictly increasing centre frequencies
+    # Neighbouring triangles overlap: the left one falls to 0 where the right one peaks.
+    assert bank[torch.arange(39), centres[1:]].max() < 0.01
+
+
+def test_mel_scales() -> None:
+    hz = torch.tensor([0.0, 500.0, 1000.0, 3000.0], dtype=torch.float64)
+    for scale in ("htk", "slaney"):
+        assert torch.allclose(features.mel_to_hz(features.hz_to_mel(hz, scale), scale), hz)
+    assert math.isclose(float(features.hz_to_mel(torch.tensor(1000.0), "slaney")), 15.0)
+    assert math.isclose(
+        float(features.hz_to_mel(torch.tensor(700.0), "htk")), 2595 * math.log10(2), rel_tol=1e-6
+    )
+
+
+def test_augmentations() -> None:
+    wave = np.sin(np.arange(8001) * 0.3).astype(np.float32)
+    assert abs(len(augment.speed_perturb(wave, 1.1)) - 8001 / 1.1) < 8001 * 0.015
+    assert len(augment.resample(wave, 8000, 16000)) == 16002
+    feats = torch.ones(2, 100, 40)
+    config = augment.AugmentConfig(freq_masks=2, freq_width=8, time_masks=2, time_width=10)
+    masked = augment.spec_augment(feats, torch.tensor([100, 50]), config, torch.Generator())
+    assert masked[:, :, :].eq(0).any() and feats.eq(1).all()  # masks a copy
+    assert masked[1].eq(0).all(-1).sum() <= 0.15 * 50  # time masks respect the budget
+
+
+def test_espeak_missing_gives_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(espeak.shutil, "which", lambda name: None)
+    assert not espeak.available()
+    with pytest.raises(espeak.EspeakUnavailable, match="apt-get install -y espeak-ng"):
+        espeak.synthetic_clips(2)
+
+
+@pytest.mark.skipif(not espeak.available(), reason="espeak-ng is not installed")
+def test_espeak_speaks_a_digit_at_8khz() -> None:
+    wave = espeak.speak("seven", "en-us", "m3", 50, 170)
+    assert wave.dtype == np.float32 and 0.2 * 8000 < len(wave) < 1.5 * 8000
+
+
+# -- decoding -------------------------------------------------------------------------------------
+def _log_probs(rows: list[list[float]]) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.float64).log()
+
+
+def test_greedy_decode_merges_repeats_and_drops_blanks() -> None:
+    b, one, two = 0, 2, 3  # token d + 1 is digit d
+    path = [one, one, b, one, two, two, b, b, two]
+    logits = torch.full((len(path), decode.VOCAB_SIZE), -5.0)
+    logits[torch.arange(len(path)), torch.tensor(path)] = 5.0
+    tokens = decode.greedy_decode(logits.log_softmax(-1))
+    assert tokens == [one, one, two, two]
+    assert decode.tokens_to_digits(tokens) == [1, 1, 2, 2]
+    with pytest.raises(ValueError, match="log_probs"):
+        decode.greedy_decode(torch.zeros(2, 3, 4))
+
+
+def test_prefix_beam_search_equals_greedy_when_peaked() -> None:
+    generator = torch.Generator().manual_seed(0)
+    path = torch.randint(0, decode.VOCAB_SIZE, (30,), generator=generator)
+    logits = torch.randn(30, decode.VOCAB_SIZE, generator=generator)
+    logits[torch.arange(30), path] += 12.0
+    log_probs = logits.log_softmax(-1)
+    best, score = decode.prefix_beam_search(log_probs, beam=4)
+    assert best == decode.greedy_decode(log_probs)
+    assert -1.0 < score <= 0.0
+
+
+def test_prefix_beam_search_sums_alignments() -> None:
+    # Greedy's best path is blank, blank (p 0.36, label ""), but the label "a" has three
+    # paths: a a, a -, - a with p 0.16 + 0.24 + 0.24 = 0.64.
+    log_probs = _log_probs([[0.6, 0.4], [0.6, 0.4]])
+    assert decode.greedy_decode(log_probs) == []
+    best, score = decode.prefix_beam_search(log_probs, beam=3)
+    assert best == [1]
+    assert math.isclose(score, math.log(0.64), rel_tol=1e-9)
+    # "a a" needs a blank between: with three frames it has exactly one path, a - a.
+    three = _log_probs([[0.2, 0.8], [0.9, 0.1], [0.2, 0.8]])
+    assert decode.prefix_beam_search(three, beam=4)[0] == [1, 1]
+
+
+# -- model ----------------------------------------------------------------------------------------
+def _tiny() -> SpeechEncoder:
+    torch.manual_seed(0)
+    config = SpeechEncoderConfig(
+        n_mels=16,
+        d_model=32,
+        num_heads=2,
+        num_layers=1,
+        dim_feedforward=64,
+        conv_channels=8,
+        dropout=0.0,
+    )
+    return SpeechEncoder(config)
+
+
+def test_tiny_model_loss_falls() -> None:
+    model = _tiny()
+    generator = torch.Generator().manual_seed(1)
+    feats = torch.randn(4, 60, 16, generator=generator)
+    frames = torch.tensor([60, 50, 40, 30])
+    targets = torch.tensor([2, 3, 4, 5, 6, 7, 1, 2, 2])
+    target_lengths = torch.tensor([3, 3, 1, 2])
+    log_probs, out_lengths = model(feats, frames)
+    assert log_probs.shape == (4, 14, 11) and out_lengths.tolist() == [14, 11, 9, 6]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(12):
+        loss = model.ctc_loss(feats, frames, targets, target_lengths)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_model_round_trip_and_bad_input(tmp_path) -> None:
+    model = _tiny().eval()
+    feats = torch.randn(2, 40, 16)
+    model.save_pretrained(tmp_path)
+    loaded = SpeechEncoder.from_pretrained(tmp_path)
+    assert loaded.config == model.config
+    assert torch.equal(loaded(feats)[0], model(feats)[0])
+    with pytest.raises(ValueError, match="feats"):
+        model(torch.randn(2, 40, 15))
+    with pytest.raises(ValueError, match="lengths"):
+        model(feats, torch.tensor([40, 3]))
+    with pytest.raises(TypeError, match="feats"):
+        model(feats.numpy())
