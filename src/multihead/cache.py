@@ -18,6 +18,22 @@ from torch import Tensor
 __all__ = ["CrossAttentionCache", "KVCache", "SlidingWindowKVCache"]
 
 
+def _buffers(
+    sizes: dict[str, int], dtype: torch.dtype, device: torch.device | str | None
+) -> tuple[Tensor, Tensor]:
+    """Zeroed key and value buffers of shape (batch, kv_heads, slots, head_dim), after checking
+    that every size is a positive int."""
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    _check_dtype(dtype)
+    shape = tuple(sizes.values())
+    return (
+        torch.zeros(shape, dtype=dtype, device=device),
+        torch.zeros(shape, dtype=dtype, device=device),
+    )
+
+
 class KVCache:
     """One self-attention layer's keys and values so far, in preallocated buffers.
 
@@ -35,18 +51,8 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
-        for name, value in (
-            ("batch_size", batch_size),
-            ("num_kv_heads", num_kv_heads),
-            ("max_len", max_len),
-            ("head_dim", head_dim),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        _check_dtype(dtype)
-        shape = (batch_size, num_kv_heads, max_len, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        sizes = {"batch_size": batch_size, "num_kv_heads": num_kv_heads, "max_len": max_len}
+        self.keys, self.values = _buffers({**sizes, "head_dim": head_dim}, dtype, device)
         self.length = 0
 
     @property
@@ -125,18 +131,8 @@ class SlidingWindowKVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
-        for name, value in (
-            ("batch_size", batch_size),
-            ("num_kv_heads", num_kv_heads),
-            ("window", window),
-            ("head_dim", head_dim),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        _check_dtype(dtype)
-        shape = (batch_size, num_kv_heads, window, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        sizes = {"batch_size": batch_size, "num_kv_heads": num_kv_heads, "window": window}
+        self.keys, self.values = _buffers({**sizes, "head_dim": head_dim}, dtype, device)
         self.position = 0
 
     @property
