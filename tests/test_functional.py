@@ -372,3 +372,15 @@ def test_bad_input_raises_naming_the_argument(corrupt, shape, data):
     error, match = corrupt(data, shape, call)
     with pytest.raises(error, match=match):
         attention(**call)
+
+
+def test_one_query_after_a_cache_builds_no_mask():
+    """Bottom-right causal with a single query sees every key: no mask, same result."""
+    q = torch.randn(2, 4, 1, 8, dtype=torch.float64)
+    k = torch.randn(2, 2, 9, 8, dtype=torch.float64)
+    v = torch.randn(2, 2, 9, 8, dtype=torch.float64)
+    assert "no mask" in explain(q, k, v, causal="bottom-right")
+    torch.testing.assert_close(
+        attention(q, k, v, causal="bottom-right"),
+        attention(q, k, v, mask=torch.ones(1, 9, dtype=torch.bool), kernel="reference"),
+    )

@@ -201,10 +201,13 @@ def _request(
 
     q_len, k_len = query.shape[2], key.shape[2]
     is_causal = False
+    # Bottom-right equals top-left when the lengths agree.
+    if align == "bottom-right" and q_len == k_len:
+        align = "top-left"
+    # One new query after a cache sees every key: its causal mask is all True, so build none.
+    if align == "bottom-right" and q_len == 1:
+        align = None
     if align is not None:
-        # Bottom-right equals top-left when the lengths agree.
-        if align == "bottom-right" and q_len == k_len:
-            align = "top-left"
         causal_mask = masks_lib.causal(q_len, k_len, align)
         # A plain top-left causal mask is SDPA's fast path: no mask tensor is built.
         is_causal = structured is None and bias is None and align == "top-left"
