@@ -67,6 +67,26 @@ def _torch_activation(layer: nn.Module) -> Activation:
     raise ValueError(f"layer.activation must be relu or gelu to convert, got {act!r}")
 
 
+def _from_torch(cls, layer: nn.Module, norms: tuple[str, ...]):
+    """A ``cls`` layer with a torch layer's sizes, its feed-forward and its norms copied
+    (the attention is copied by the caller: encoder and decoder layers differ there)."""
+    ours = cls(
+        layer.linear1.in_features,
+        layer.self_attn.num_heads,
+        layer.linear1.out_features,
+        layer.dropout.p,
+        activation=_torch_activation(layer),
+        norm_first=layer.norm_first,
+        layer_norm_eps=layer.norm1.eps,
+        bias=layer.linear1.bias is not None,
+    )
+    ours.feed_forward.linear1.load_state_dict(layer.linear1.state_dict())
+    ours.feed_forward.linear2.load_state_dict(layer.linear2.state_dict())
+    for name in norms:
+        getattr(ours, name).load_state_dict(getattr(layer, name).state_dict())
+    return ours
+
+
 def _copy_attention(ours: MultiHeadAttention, theirs: nn.MultiheadAttention) -> None:
     if not theirs._qkv_same_embed_dim:
         raise ValueError("only torch attention with kdim == vdim == embed_dim can be converted")
@@ -136,21 +156,8 @@ class EncoderLayer(nn.Module):
             raise TypeError(
                 f"layer must be an nn.TransformerEncoderLayer, got {type(layer).__name__}"
             )
-        ours = cls(
-            layer.linear1.in_features,
-            layer.self_attn.num_heads,
-            layer.linear1.out_features,
-            layer.dropout.p,
-            activation=_torch_activation(layer),
-            norm_first=layer.norm_first,
-            layer_norm_eps=layer.norm1.eps,
-            bias=layer.linear1.bias is not None,
-        )
+        ours = _from_torch(cls, layer, ("norm1", "norm2"))
         _copy_attention(ours.self_attn, layer.self_attn)
-        ours.feed_forward.linear1.load_state_dict(layer.linear1.state_dict())
-        ours.feed_forward.linear2.load_state_dict(layer.linear2.state_dict())
-        ours.norm1.load_state_dict(layer.norm1.state_dict())
-        ours.norm2.load_state_dict(layer.norm2.state_dict())
         return ours.to(layer.linear1.weight.device, layer.linear1.weight.dtype)
 
 
@@ -227,22 +234,9 @@ class DecoderLayer(nn.Module):
             raise TypeError(
                 f"layer must be an nn.TransformerDecoderLayer, got {type(layer).__name__}"
             )
-        ours = cls(
-            layer.linear1.in_features,
-            layer.self_attn.num_heads,
-            layer.linear1.out_features,
-            layer.dropout.p,
-            activation=_torch_activation(layer),
-            norm_first=layer.norm_first,
-            layer_norm_eps=layer.norm1.eps,
-            bias=layer.linear1.bias is not None,
-        )
+        ours = _from_torch(cls, layer, ("norm1", "norm2", "norm3"))
         _copy_attention(ours.self_attn, layer.self_attn)
         _copy_attention(ours.cross_attn, layer.multihead_attn)
-        ours.feed_forward.linear1.load_state_dict(layer.linear1.state_dict())
-        ours.feed_forward.linear2.load_state_dict(layer.linear2.state_dict())
-        for name in ("norm1", "norm2", "norm3"):
-            getattr(ours, name).load_state_dict(getattr(layer, name).state_dict())
         return ours.to(layer.linear1.weight.device, layer.linear1.weight.dtype)
 
 
