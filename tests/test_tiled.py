@@ -52,12 +52,13 @@ def test_fused_tiles_match_float64_reference(case, dtype, kv_heads, gen):
 
 
 def _count_tiles(monkeypatch) -> list[int]:
+    """Each call's area: (queries × keys) of the score plane it covered."""
     calls: list[int] = []
     original = tiled._tile_forward
 
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
+    def counting(q, k, *args, **kwargs):
+        calls.append(q.shape[-2] * k.shape[-2])
+        return original(q, k, *args, **kwargs)
 
     monkeypatch.setattr(tiled, "_tile_forward", counting)
     return calls
@@ -73,13 +74,20 @@ def _count_tiles(monkeypatch) -> list[int]:
     ],
     ids=["dense", "causal", "sliding_window", "documents"],
 )
-def test_empty_tiles_are_skipped(monkeypatch, mask, expected_tiles, gen):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fused", "unfused"])
+def test_empty_tiles_are_skipped(monkeypatch, mask, expected_tiles, dtype, gen):
     monkeypatch.setattr(tiled, "BLOCK_K", 2)  # 2x2 tiles: 8x8 of them
     calls = _count_tiles(monkeypatch)
-    q, k, v = make_qkv(q_len=16, k_len=16, head_dim=4, value_dim=4, generator=gen)
+    q, k, v = make_qkv(q_len=16, k_len=16, head_dim=4, value_dim=4, dtype=dtype, generator=gen)
     out = attention(q, k, v, mask=mask, kernel="tiled")
-    assert len(calls) == expected_tiles
-    assert_close_to(out, reference64(to64(q), to64(k), to64(v), mask=mask), torch.float32)
+    assert sum(calls) == expected_tiles * 2 * 2  # the work: only the tiles the mask leaves
+    if dtype == torch.float64:  # written-out tiles: one call per tile
+        assert len(calls) == expected_tiles
+    elif mask is None:  # nothing to skip: one fused call
+        assert len(calls) == 1
+    else:  # runs of whole tiles merge into one fused call
+        assert len(calls) < expected_tiles or expected_tiles == 8 + 7
+    assert_close_to(out, reference64(to64(q), to64(k), to64(v), mask=mask), dtype)
 
 
 def test_dropout_backward_replays_the_forward_mask(gen):

@@ -14,6 +14,16 @@ from multihead import MultiHeadAttention, attention_varlen, masks, pack, unpack
 from multihead.masks import EMPTY, FULL
 
 
+@pytest.fixture(autouse=True, params=["per_sequence", "packed"])
+def path(request, monkeypatch) -> str:
+    """Run every test both ways: a call per sequence, and one tiled call over the pack."""
+    from multihead import varlen
+
+    threshold = 0 if request.param == "per_sequence" else 1 << 30
+    monkeypatch.setattr(varlen, "PER_SEQUENCE_MIN_MEAN", threshold)
+    return request.param
+
+
 def cumulative(lengths: list[int]) -> Tensor:
     return torch.tensor([0, *torch.tensor(lengths, dtype=torch.int64).cumsum(0).tolist()])
 

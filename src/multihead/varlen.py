@@ -5,10 +5,12 @@ is mostly padding. The varlen layout of flash-attn (Dao, 2023) packs the real to
 sequences end to end, (total_tokens, heads, head_dim), and says where each sequence starts
 with ``cu_seqlens`` (cumulative lengths: ``[0, len_0, len_0 + len_1, ...]``).
 
-Here the packed batch is one sequence of the library layout, (1, heads, total, head_dim),
-under a block-diagonal `masks.varlen` mask, run by the tiled kernel: a tile lying between
-two different sequences is empty, so it is skipped, and the work is close to the sum of the
-per-sequence costs rather than total².
+Two ways to run it, both costing the sum of the per-sequence costs rather than total²:
+sequences of some length each get their own attention call (on CPU, torch's fused kernel:
+no tile straddles two sequences, and the backward pass is fused too); many short sequences
+run as one sequence of the library layout, (1, heads, total, head_dim), under the
+block-diagonal `masks.varlen` mask in the tiled kernel, which skips the tiles between
+sequences and saves a call per sequence.
 """
 
 from __future__ import annotations
@@ -75,6 +77,10 @@ def attention_varlen(
     _check_total("cu_seqlens_q", cu_q, query.shape[0], "query")
     _check_total("cu_seqlens_k", cu_k, key.shape[0], "key")
     mask = masks.varlen(cu_q, cu_k, causal=causal)  # checks the batch counts agree
+    if query.shape[0] >= PER_SEQUENCE_MIN_MEAN * max(len(cu_q) - 1, 1):
+        return _per_sequence(
+            query, key, value, cu_q.tolist(), cu_k.tolist(), causal, scale, softcap, dropout_p
+        )
     output = attention(
         query.transpose(0, 1).unsqueeze(0),  # (1, heads, total_q, head_dim)
         key.transpose(0, 1).unsqueeze(0),
@@ -86,6 +92,51 @@ def attention_varlen(
         kernel="tiled",
     )
     return output.squeeze(0).transpose(0, 1).contiguous()
+
+
+# Measured (benchmarks/bench_scale.py, ragged part): with a mean of this many queries per
+# sequence or more, a call per sequence beats one tiled call over the packed batch.
+PER_SEQUENCE_MIN_MEAN = 16
+
+
+def _per_sequence(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    cu_q: list[int],
+    cu_k: list[int],
+    causal: bool,
+    scale: float | None,
+    softcap: float | None,
+    dropout_p: float,
+) -> Tensor:
+    """One attention call per sequence, outputs packed end to end."""
+    heads, value_dim = query.shape[1], value.shape[-1]
+    lens_q = [b - a for a, b in zip(cu_q[:-1], cu_q[1:], strict=True)]
+    lens_k = [b - a for a, b in zip(cu_k[:-1], cu_k[1:], strict=True)]
+    # split, not slicing: its backward is one concatenation, where each slice's backward
+    # would write a zero tensor of the whole pack.
+    queries, keys, values = query.split(lens_q), key.split(lens_k), value.split(lens_k)
+    outputs = []
+    for q, k, v in zip(queries, keys, values, strict=True):
+        if q.shape[0] == 0:
+            continue
+        if k.shape[0] == 0:  # no keys: nothing to see, output 0
+            outputs.append(query.new_zeros(q.shape[0], heads, value_dim))
+            continue
+        out = attention(
+            q.transpose(0, 1).unsqueeze(0),
+            k.transpose(0, 1).unsqueeze(0),
+            v.transpose(0, 1).unsqueeze(0),
+            causal="bottom-right" if causal else False,
+            scale=scale,
+            softcap=softcap,
+            dropout_p=dropout_p,
+        )
+        outputs.append(out.squeeze(0).transpose(0, 1))
+    if not outputs:
+        return query.new_zeros(0, heads, value_dim)
+    return torch.cat(outputs)
 
 
 def _lengths(lengths: object, batch: int, seq: int) -> Tensor:

@@ -64,17 +64,43 @@ class Tiling:
             return list(range(n_k))
         return [j for j in range(n_k) if int(self.structure[i, j]) != EMPTY]
 
+    def full(self, i: int, j: int) -> bool:
+        """Whether the mask leaves tile (i, j) whole, so that no mask need be applied."""
+        return self.mask is None or (self.structure is not None and self.structure[i, j] == FULL)
+
+    def spans(
+        self, i: int, k_blocks: list[tuple[int, int]], merge: bool
+    ) -> list[tuple[int, int, int | None]]:
+        """The key ranges query block ``i`` visits, as (k0, k1, tile column or None).
+
+        With ``merge``, each run of consecutive full blocks becomes one range (column None,
+        no mask): one fused call over many keys costs less than a call and a merge per
+        block. Blocks the mask cuts keep their own range and column.
+        """
+        spans: list[tuple[int, int, int | None]] = []
+        for j in self.key_blocks(i, len(k_blocks)):
+            k0, k1 = k_blocks[j]
+            if not (merge and self.full(i, j)):
+                spans.append((k0, k1, j))
+            elif spans and spans[-1][2] is None and spans[-1][1] == k0:
+                spans[-1] = (spans[-1][0], k1, None)
+            else:
+                spans.append((k0, k1, None))
+        return spans
+
     def allowed(
-        self, i: int, j: int, q0: int, q1: int, k0: int, k1: int, device: torch.device
+        self, i: int, j: int | None, q0: int, q1: int, k0: int, k1: int, device: torch.device
     ) -> Tensor | None:
-        """Boolean (batch|1, 1, bq, bk) tile of the structured mask, or None when full."""
-        if self.mask is None or (self.structure is not None and self.structure[i, j] == FULL):
+        """Boolean (batch|1, 1, bq, bk) tile of the structured mask, or None when full
+        (``j`` None: a merged run of full tiles)."""
+        if j is None or self.full(i, j):
             return None
+        assert self.mask is not None
         b, q, k = self.mask._indices(q0, q1, k0, k1, device)
         return self.mask.mask_mod(b, q, k).unsqueeze(1)
 
 
-def _tile_mask(tiling: Tiling, i: int, j: int, q0: int, q1: int, k0: int, k1: int, device):
+def _tile_mask(tiling: Tiling, i: int, j: int | None, q0: int, q1: int, k0: int, k1: int, device):
     """The tile's mask: None, bool (True = may attend) or float bias; (B|1, H|1, bq, bk)."""
     allowed = tiling.allowed(i, j, q0, q1, k0, k1, device)
     bias = None if tiling.bias is None else tiling.bias[..., q0:q1, k0:k1]
@@ -271,20 +297,24 @@ class _TiledAttention(torch.autograd.Function):
         k_blocks = _blocks(key.shape[2], tiling.block_k)
         out = query.new_zeros(*query.shape[:3], value.shape[-1], dtype=compute)
         lse = query.new_full((*query.shape[:3], 1), -torch.inf, dtype=compute)
+        merge = _use_fused(query, value, softcap, dropout)
         for i, (q0, q1) in enumerate(q_blocks):
             q = query[..., q0:q1, :]
             tile_outs: list[Tensor] = []
             tile_lses: list[Tensor] = []
-            for j in tiling.key_blocks(i, len(k_blocks)):
-                k0, k1 = k_blocks[j]
+            spans = tiling.spans(i, k_blocks, merge)
+            for k0, k1, j in spans:
                 mask = _tile_mask(tiling, i, j, q0, q1, k0, k1, query.device)
                 k = _expand_heads(key[..., k0:k1, :], heads)
                 v = _expand_heads(value[..., k0:k1, :], heads)
-                tile = i * len(k_blocks) + j
+                tile = i * len(k_blocks) + (j or 0)  # dropout never merges: j is set
                 tile_out, tile_lse = _tile_forward(q, k, v, mask, scale, softcap, dropout, tile)
                 tile_outs.append(tile_out)
                 tile_lses.append(tile_lse)
-            if tile_outs:  # else no key block was visible: the rows stay 0
+            if len(spans) == 1 and spans[0][2] is None:  # one unmasked call: nothing to merge
+                out[..., q0:q1, :] = tile_outs[0]
+                lse[..., q0:q1, :] = tile_lses[0]
+            elif tile_outs:  # else no key block was visible: the rows stay 0
                 _merge(tile_outs, tile_lses, out[..., q0:q1, :], lse[..., q0:q1, :])
         output = out.to(query.dtype)
         ctx.save_for_backward(query, key, value, output, lse)
@@ -303,15 +333,15 @@ class _TiledAttention(torch.autograd.Function):
         d_query = torch.zeros(query.shape, dtype=compute, device=query.device)
         d_key = torch.zeros(key.shape, dtype=compute, device=key.device)
         d_value = torch.zeros(value.shape, dtype=compute, device=value.device)
+        merge = _use_fused(query, value, softcap, dropout)
         for i, (q0, q1) in enumerate(q_blocks):
             rows = (query[..., q0:q1, :], output[..., q0:q1, :], lse[..., q0:q1, :])
             d_out = grad_output[..., q0:q1, :]
-            for j in tiling.key_blocks(i, len(k_blocks)):
-                k0, k1 = k_blocks[j]
+            for k0, k1, j in tiling.spans(i, k_blocks, merge):
                 mask = _tile_mask(tiling, i, j, q0, q1, k0, k1, query.device)
                 k = _expand_heads(key[..., k0:k1, :], heads)
                 v = _expand_heads(value[..., k0:k1, :], heads)
-                tile = i * len(k_blocks) + j
+                tile = i * len(k_blocks) + (j or 0)
                 d_q, d_k, d_v = _tile_backward(
                     d_out, rows[0], k, v, rows[1], rows[2], mask, scale, softcap, dropout, tile
                 )
@@ -352,10 +382,13 @@ def tiled_attention(
     """
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
     block_q, block_k = block_q or BLOCK_Q, block_k or BLOCK_K
-    tiling = Tiling.build(query.shape[2], key.shape[2], mask, bias, block_q, block_k)
     dropout = None
     if dropout_p > 0.0:
         dropout = Dropout(dropout_p, int(torch.randint(0, 2**62, (), dtype=torch.int64)))
+    if mask is None and bias is None and _use_fused(query, value, softcap, dropout):
+        # Nothing to skip: the fused kernel, itself tiled, takes every query in one call.
+        block_q = max(query.shape[2], 1)
+    tiling = Tiling.build(query.shape[2], key.shape[2], mask, bias, block_q, block_k)
     return _TiledAttention.apply(query, key, value, tiling, scale, softcap, dropout)
 
 
