@@ -4,7 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench lint format clean train-translate train-image train-speech
+.PHONY: setup demo test bench lint format clean train-translate train-image train-speech \
+	train-image-ddp
 
 setup: $(STAMP)
 
@@ -14,7 +15,7 @@ $(STAMP): pyproject.toml
 	  else echo "note: espeak-ng is missing (apt-get install espeak-ng); speech tests that need it skip"; fi; }
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev,apps]"
+	$(PY) -m pip install -q -e ".[dev,apps,hf]"
 	touch $(STAMP)
 
 demo: setup
@@ -34,6 +35,13 @@ train-translate: setup
 train-image: setup
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m multihead.cli train image
 
+# The image run data-parallel in 2 processes (gloo on CPU; NCCL as well where there are GPUs):
+# each takes half of every batch of 64; rank 0 writes. --standalone picks a free port.
+train-image-ddp: setup
+	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/torchrun --standalone --nproc-per-node 2 \
+	  -m multihead.cli train image --threads 1 --run-dir runs/image-digits-ddp \
+	  --model-dir runs/image-digits-ddp/model --overwrite
+
 train-speech: setup
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m multihead.cli train speech --minutes 20 --run-dir runs/speech
 
@@ -44,6 +52,7 @@ bench: setup
 	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/bench_layer.py
 	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/bench_seq2seq.py
 	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/bench_scale.py
+	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/bench_ring.py
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -84,6 +84,11 @@ SIZES = {
     "causal": (4096, 1024),
     "ragged": ((16, 64, 1024, 512, 8), (4, 64, 256, 128, 4)),  # seqs, min, max, d_model, heads
     "decode": ((8192, 512, 256, 4), (1024, 128, 64, 2)),  # tokens, window, d_model, heads
+    # attention_varlen's two paths: (sequences, min, max length) with means 8 / 16 / 32 / 64.
+    "ragged_paths": (
+        ((512, 4, 12), (256, 8, 24), (128, 16, 48), (64, 32, 96)),
+        ((64, 4, 12), (32, 16, 48)),
+    ),
 }
 MATMUL = (2048, 1024)
 SLOW_STEP_S = 5.0  # a step slower than this is repeated only twice (keeps the full run short)
@@ -668,7 +673,50 @@ def part_ragged(quick: bool) -> dict[str, Any]:
             f"layer speedup {row['layer_speedup']:.2f}x{core_text}",
             flush=True,
         )
+    result["paths"] = part_ragged_paths(quick)
     return result
+
+
+def part_ragged_paths(quick: bool) -> list[dict[str, Any]]:
+    """attention_varlen's call per sequence against one tiled call over the pack, by the
+    mean sequence length: where the first starts to win sets PER_SEQUENCE_MIN_MEAN."""
+    from multihead import varlen
+
+    rows = []
+    generator = torch.Generator().manual_seed(1)
+    for count, low, high in SIZES["ragged_paths"][quick]:
+        lengths = torch.randint(low, high + 1, (count,), generator=generator)
+        cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+        shape = (int(lengths.sum()), HEADS, HEAD_DIM)
+        q, k, v = (torch.randn(shape, generator=generator).requires_grad_() for _ in range(3))
+
+        def run(threshold: int, q: Tensor = q, k: Tensor = k, v: Tensor = v, cu=cu) -> Tensor:
+            saved, varlen.PER_SEQUENCE_MIN_MEAN = varlen.PER_SEQUENCE_MIN_MEAN, threshold
+            try:
+                return multihead.attention_varlen(q, k, v, cu, cu, causal=True)
+            finally:
+                varlen.PER_SEQUENCE_MIN_MEAN = saved
+
+        row: dict[str, Any] = {"sequences": count, "mean_length": float(lengths.float().mean())}
+        for mode in ("forward", "train"):
+            paths = {"per_sequence": lambda run=run: run(0), "packed": lambda run=run: run(1 << 62)}
+            if mode == "train":
+                steps = {key: train_step(path, [q, k, v]) for key, path in paths.items()}
+            else:
+                steps = {key: forward_step(path) for key, path in paths.items()}
+            times = round_robin(steps, quick)
+            row[mode] = {
+                "times": summarise(times),
+                "packed_over_per_sequence": paired_ratio(times["packed"], times["per_sequence"]),
+            }
+        rows.append(row)
+        print(
+            f"ragged paths, {count} causal sequences of mean {row['mean_length']:.0f}: "
+            f"packed / per sequence {row['forward']['packed_over_per_sequence']:.2f} forward, "
+            f"{row['train']['packed_over_per_sequence']:.2f} forward+backward",
+            flush=True,
+        )
+    return rows
 
 
 # -- 6. decoding with a sliding-window cache ---------------------------------------------------

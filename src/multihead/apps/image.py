@@ -12,6 +12,10 @@ The ViT is scored twice: on the test images as they are, and with test-time augm
 (the mean prediction over the image and its four one-pixel shifts), which evens out its
 sensitivity to where a stroke falls on the 2×2 patch grid. Test images are scored only at the
 end and in the curves; no checkpoint is chosen by them.
+
+Under ``torchrun --nproc-per-node N`` each process trains on its rows of every global batch
+of ``--batch-size`` images (the same batches as one process), and rank 0 alone scores the
+model and writes the files.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from torch import Tensor, nn
 
 from ..models.vit import ViT, ViTConfig
 from ..training import TrainConfig, Trainer, warmup_cosine
+from ..training import distributed as dist
 
 __all__ = [
     "DigitsSplit",
@@ -236,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    dist.setup()
+    main_process = dist.is_main()
     torch.set_num_threads(args.threads)
     run_dir = Path(args.run_dir)
     config = ViTConfig(
@@ -250,14 +257,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     split = load_split(args.test_size, args.split_seed)
 
     tick = time.monotonic()
-    baselines = svc_baselines(split)
+    baselines = svc_baselines(split) if main_process else {}
     svc_seconds = time.monotonic() - tick
 
     torch.manual_seed(args.seed)
     model = ViT(config)
+    net = dist.wrap(model)  # DDP under torchrun: the forward that averages the gradients
 
-    def batches(epoch: int) -> list[tuple[Tensor, Tensor]]:
-        return epoch_batches(
+    def batches(epoch: int) -> list[tuple[Tensor, Tensor, int]]:
+        """This process's rows of each global batch, and the global batch's size."""
+        full = epoch_batches(
             split.train_images,
             split.train_labels,
             epoch,
@@ -267,11 +276,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_rotation=args.max_rotation,
             whole_pixels=args.whole_pixel_shifts,
         )
+        return [(dist.rows(images), dist.rows(labels), len(labels)) for images, labels in full]
 
-    def loss_fn(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        images, labels = batch
-        logits = model(images)
+    def loss_fn(batch: tuple[Tensor, Tensor, int]) -> tuple[Tensor, dict[str, float]]:
+        images, labels, total = batch
+        logits = net(images)
         loss = F.cross_entropy(logits, labels, label_smoothing=args.label_smoothing)
+        loss = loss * dist.mean_share(len(labels), total)
         return loss, {"acc": float((logits.argmax(-1) == labels).float().mean())}
 
     def evaluate(model: nn.Module, step: int) -> dict[str, float]:
@@ -305,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return trainers[0].progress() if trainers else 0.0
 
     trainer = Trainer(
-        model,
+        net,
         loss_fn,
         batches,
         train_config,
@@ -314,6 +325,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     trainers.append(trainer)
     result = trainer.train()
+    if not main_process:
+        return 0
 
     test_acc = accuracy(model, split.test_images, split.test_labels)
     tta_acc = accuracy(model, split.test_images, split.test_labels, tta=True)

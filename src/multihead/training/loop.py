@@ -15,6 +15,17 @@ A non-finite loss or gradient never reaches the weights: with ``on_nonfinite="st
 default) training stops with a `FloatingPointError` naming the step and the loss or the
 parameter whose gradient it was; with ``"skip"`` the batch is dropped without an update (the
 step counter does not advance) and a ``nonfinite`` record goes to the log.
+
+Under ``torchrun`` (see `distributed`) every process runs this loop on its rows of each
+global batch: ``model`` is the `distributed.wrap` wrapper that ``loss_fn`` calls, and the
+loss is weighted with `distributed.mean_share`, so the averaged gradient is the global
+batch's. The processes take every decision together: each step one all-reduce carries the
+loss (non-finite anywhere: every process skips or stops), the metrics and rank 0's clock,
+which alone drives time budgets and schedules. Rank 0 alone evaluates and writes the log,
+checkpoints and plot. A checkpoint holds the global position (step, epoch, batches of the
+epoch), so a run resumes with any number of processes; it holds rank 0's RNG states, and the
+other ranks reseed from (seed, rank, step), so with dropout a resumed multi-process run is
+reproducible but not bitwise the uninterrupted one.
 """
 
 from __future__ import annotations
@@ -35,6 +46,7 @@ from torch.optim import AdamW, Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from tqdm.auto import tqdm
 
+from . import distributed
 from .checkpoint import find_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from .log import MetricsLog, plot_curves
 
@@ -54,6 +66,11 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def _rank_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of rank > 0 at ``step``: distinct per rank, reproducible on resume."""
+    return (seed * 1_000_003 + rank * 7_919 + step) % 2**63
 
 
 def _positive(name: str, value: object, kind: type = int, allow_none: bool = True) -> None:
@@ -165,7 +182,8 @@ class Trainer:
     """Train ``model`` by minimising ``loss_fn`` over ``batches(epoch)``; see the module doc.
 
     Args:
-        model: the module whose parameters AdamW updates and whose weights are checkpointed.
+        model: the module whose parameters AdamW updates and whose weights are checkpointed;
+            under torchrun its `distributed.wrap` wrapper, which ``loss_fn`` must call.
         loss_fn: batch → (scalar loss tensor, metrics such as {"tokens": 812, "acc": 0.4}).
         batches: epoch → iterable of batches, deterministic in epoch.
         config: `TrainConfig`.
@@ -197,7 +215,25 @@ class Trainer:
                 raise TypeError(f"{name} must be callable, got {type(function).__name__}")
         if config.best_metric is not None and evaluate is None:
             raise ValueError("best_metric needs an evaluate callback")
-        self.model = model
+        self.world = distributed.world_size()
+        self.rank = distributed.rank()
+        self.main = self.rank == 0  # the one process that evaluates and writes files
+        self.model = distributed.unwrap(model)
+        self._forwards = 0  # calls of the DDP wrapper: loss_fn must go through it
+        if distributed.launched() and self.world == 1:
+            raise ValueError(
+                "torchrun started several processes but they have not joined: call "
+                "multihead.training.distributed.setup() before building the model"
+            )
+        if self.world > 1:
+            if self.model is model:
+                raise ValueError(
+                    f"{self.world} processes train together but model is not wrapped: pass "
+                    "multihead.training.distributed.wrap(model) and call that in loss_fn, so "
+                    "DistributedDataParallel averages the gradients"
+                )
+            model.register_forward_pre_hook(self._count_forward)
+        model = self.model
         self.loss_fn = loss_fn
         self.batches = batches
         self.config = config
@@ -212,6 +248,7 @@ class Trainer:
         self._epoch_len: int | None = None
         self._elapsed_before = 0.0
         self._session_start: float | None = None
+        self._agreed_session = 0.0  # rank 0's session clock at the last step (world > 1)
         self._last_eval_step = -1
         self._last_checkpoint_step = -1
         self._last_loss: float | None = None
@@ -236,6 +273,8 @@ class Trainer:
         """Seconds of training so far, over all sessions of this run."""
         if self._session_start is None:
             return self._elapsed_before
+        if self.world > 1:  # every process must stop, and schedule, by the same clock
+            return self._elapsed_before + self._agreed_session
         return self._elapsed_before + time.monotonic() - self._session_start
 
     def progress(self) -> float:
@@ -290,18 +329,20 @@ class Trainer:
     def train(self) -> TrainResult:
         """Run until a limit is reached; return where it ended."""
         config = self.config
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         pending_rng = self._start()
-        (self.run_dir / "train_config.json").write_text(
-            json.dumps(asdict(config), default=str, indent=2) + "\n", encoding="utf-8"
-        )
+        if self.main:
+            (self.run_dir / "train_config.json").write_text(
+                json.dumps(asdict(config), default=str, indent=2) + "\n", encoding="utf-8"
+            )
         self._session_start = time.monotonic()
         bar = tqdm(
             total=self._total_steps_hint(),
             initial=self.step,
             unit="step",
             dynamic_ncols=True,
-            disable=not config.progress_bar,
+            disable=not (config.progress_bar and self.main),
         )
         window = _Window()
         try:
@@ -340,9 +381,10 @@ class Trainer:
                 self._run_eval(bar)
             if self._last_checkpoint_step != self.step:
                 self._save(self.run_dir / "last")
+            distributed.barrier()  # when train() returns anywhere, the checkpoint is on disk
         finally:
             bar.close()
-        if config.plot:
+        if config.plot and self.main:
             plot_curves(self.log.path, self.run_dir / "curves.png")
         return TrainResult(
             step=self.step,
@@ -372,31 +414,87 @@ class Trainer:
             self._epoch_len = checkpoint.extra.get("epoch_len")
             self._last_eval_step = int(checkpoint.extra.get("last_eval_step", -1))
             self._last_checkpoint_step = self.step
-            self.log.reset(keep_until_step=self.step)
-            return checkpoint.rng
+            if self.main:
+                self.log.reset(keep_until_step=self.step)
+            return self._agree_on_start(checkpoint.rng)
         if found is not None and not config.resume and not config.overwrite:
             raise ValueError(
                 f"{self.run_dir} already holds a checkpoint: pass resume=True to continue it "
                 "or overwrite=True to start over"
             )
-        if config.resume:
+        if config.resume and self.main:
             print(f"no checkpoint in {last}; starting a fresh run")
         seed_everything(config.seed)
-        self.log.reset()
+        if self.main:
+            self.log.reset()
+        return self._agree_on_start(None)
+
+    def _agree_on_start(self, rng: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Check that every process starts at the same step; reseed ranks > 0 (rank 0 keeps
+        the checkpoint's RNG states, which are returned to be restored)."""
+        if self.world == 1:
+            return rng
+        if not distributed.all_equal(self.step):
+            raise ValueError(
+                f"the processes start from different steps (rank {self.rank}: {self.step}): "
+                f"each must see the same checkpoint in {self.run_dir}, e.g. on a shared disk"
+            )
+        if self.rank == 0:
+            return rng
+        seed_everything(_rank_seed(self.config.seed, self.rank, self.step))
         return None
+
+    def _count_forward(self, module: nn.Module, inputs: Any) -> None:
+        self._forwards += 1
+
+    def _agree_on_loss(
+        self, loss: Tensor, metrics: dict[str, float]
+    ) -> tuple[bool, float, dict[str, float], str]:
+        """(finite everywhere, the loss, the metrics, what was non-finite): in a single process
+        this process's; with several, their mean over processes (the global batch's loss, by
+        `distributed.mean_share`), the rate key summed, in one all-reduce with rank 0's clock."""
+        local = loss.item()
+        if self.world == 1:
+            return math.isfinite(local), local, metrics, f"the loss is {local}"
+        finite = math.isfinite(local)
+        started = self._session_start
+        clock = time.monotonic() - started if self.main and started is not None else 0.0
+        packed = torch.tensor(
+            [0.0 if finite else 1.0, local if finite else 0.0, clock, *metrics.values()],
+            dtype=torch.float64,
+        )
+        distributed.sum_all(packed)
+        bad, total, self._agreed_session, *sums = packed.tolist()
+        reduced = {
+            key: value if key == self.config.rate_key else value / self.world
+            for key, value in zip(metrics, sums, strict=True)
+        }
+        what = f"the loss is non-finite in {int(bad)} of {self.world} processes (rank "
+        what += f"{self.rank}'s: {local})"
+        return bad == 0, total / self.world, reduced, what
 
     def _train_step(self, batch: Any, window: _Window, tick: float) -> bool:
         """One update on ``batch``; False if it was skipped for a non-finite value."""
         self.model.train()
+        forwards = self._forwards
         loss, metrics = self.loss_fn(batch)
         if not isinstance(loss, Tensor) or loss.ndim != 0:
             raise TypeError("loss_fn must return a scalar loss tensor first")
+        if self.world > 1 and self._forwards == forwards:
+            raise ValueError(
+                "loss_fn did not call the DistributedDataParallel wrapper passed as model: "
+                "without it the processes' gradients are not averaged"
+            )
         self.optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
-            self._nonfinite(f"the loss is {loss.item()}")
+        numbers = {k: v.item() if isinstance(v, Tensor) else float(v) for k, v in metrics.items()}
+        finite, loss_value, numbers, what = self._agree_on_loss(loss, numbers)
+        if not finite:
+            self._nonfinite(what)
             return False
+        # Every process now holds the same averaged gradients, so the checks below, and the
+        # decisions they take, agree without another exchange.
         loss.backward()
-        values = {"loss": loss.item(), "lr": self.optimizer.param_groups[0]["lr"]}
+        values = {"loss": loss_value, "lr": self.optimizer.param_groups[0]["lr"]}
         with_grad = [p for group in self.optimizer.param_groups for p in group["params"]]
         with_grad = [p for p in with_grad if p.grad is not None]
         grads = [p.grad for p in with_grad]
@@ -426,8 +524,7 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         self.position += 1
-        for key, value in metrics.items():
-            values[key] = value.item() if isinstance(value, Tensor) else float(value)
+        values.update(numbers)
         self._last_loss = values["loss"]
         window.add(time.monotonic() - tick, values)
         return True
@@ -446,7 +543,8 @@ class Trainer:
         self.skipped += 1
         self._skips_in_a_row += 1
         self.position += 1  # the batch is consumed; no update, so the step stays
-        self.log.write("nonfinite", self.step, {"epoch": self.epoch, "what": what})
+        if self.main:
+            self.log.write("nonfinite", self.step, {"epoch": self.epoch, "what": what})
         if self._skips_in_a_row >= MAX_SKIPS_IN_A_ROW:
             raise FloatingPointError(
                 f"{what} {where}: {MAX_SKIPS_IN_A_ROW} steps in a row were non-finite and "
@@ -455,6 +553,8 @@ class Trainer:
 
     def _periodic(self, window: _Window, bar: Any) -> None:
         config = self.config
+        if not self.main:  # the others go on; they wait for rank 0 at the next step
+            return
         if self.step % config.log_every == 0 and window.steps:
             record = {key: total / window.steps for key, total in window.sums.items()}
             rate_name = f"{config.rate_key}_per_s" if config.rate_key else "steps_per_s"
@@ -481,6 +581,8 @@ class Trainer:
 
     def _run_eval(self, bar: Any) -> None:
         assert self.evaluate is not None
+        if not self.main:
+            return
         self.model.eval()
         with torch.no_grad():
             results = {
@@ -509,6 +611,8 @@ class Trainer:
             self._save(self.run_dir / "best")
 
     def _save(self, directory: Path) -> None:
+        if not self.main:
+            return
         save_checkpoint(
             directory,
             self.model,

@@ -9,6 +9,10 @@ augmentations start off and ramp up over ``--aug-ramp`` updates: on clean data C
 all-blank plateau sooner. At the end the model is saved (safetensors + JSON) to ``RUN/model``
 and scored on the test recordings and the unseen speaker, greedy and beam; the numbers go to
 ``RUN/metrics.json``, the curves to ``RUN/log.jsonl`` and ``RUN/curves.png``.
+
+Under ``torchrun --nproc-per-node N`` every process makes each whole global batch (so the
+augmentation draws are those of one process) and trains on its utterances of it; rank 0 alone
+fills the espeak cache, evaluates and writes the files.
 """
 
 from __future__ import annotations
@@ -24,10 +28,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ...models.speech import SpeechEncoder, SpeechEncoderConfig
 from ...training import TrainConfig, Trainer, warmup_cosine
+from ...training import distributed as dist
 from .augment import AugmentConfig, spec_augment, speed_perturb
 from .data import (
     UNSEEN_SPEAKER,
@@ -44,7 +50,7 @@ from .evaluate import EVAL_SEEDS, feature_config_of, pad_waves, score, transcrib
 from .evaluate import word_error_rate as wer
 from .features import FeatureConfig, log_mel
 
-__all__ = ["SpeechBatch", "build_parser", "main", "make_batch"]
+__all__ = ["SpeechBatch", "build_parser", "main", "make_batch", "shard"]
 
 
 @dataclass
@@ -84,6 +90,20 @@ def make_batch(
     tokens = [digits_to_tokens(u.digits) for u in utterances]
     targets = torch.tensor([t for seq in tokens for t in seq], dtype=torch.long)
     return SpeechBatch(feats, frames, targets, torch.tensor([len(t) for t in tokens]))
+
+
+def shard(batch: SpeechBatch) -> SpeechBatch:
+    """This process's utterances of a global batch, with their stretch of the targets."""
+    index = dist.rows(torch.arange(len(batch.frames)))
+    ends = batch.target_lengths.cumsum(0)
+    first, last = int(index[0]), int(index[-1])
+    start = int(ends[first] - batch.target_lengths[first])
+    return SpeechBatch(
+        feats=batch.feats[first : last + 1],
+        frames=batch.frames[first : last + 1],
+        targets=batch.targets[start : int(ends[last])],
+        target_lengths=batch.target_lengths[first : last + 1],
+    )
 
 
 def prefetch(items: Iterator[SpeechBatch], depth: int = 3) -> Iterator[SpeechBatch]:
@@ -202,13 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
     arg("--no-vtlp", action="store_true", help="no vocal tract length perturbation")
     arg("--no-specaug", action="store_true", help="no SpecAugment masks")
     arg("--margin-prob", type=float, default=0.5, help="chance a clip gets noisy margins")
-    arg("--aug-prob", type=float, default=1.0, help="chance each augmentation hits an utterance")
-    arg("--aug-ramp", type=int, default=0, help="updates over which aug-prob rises from 0")
-    arg("--espeak", type=int, default=0, metavar="N", help="add N espeak-ng speakers (0: off)")
-    arg("--espeak-fraction", type=float, default=0.3, help="share of synthetic utterances")
+    arg("--aug-prob", type=float, default=0.5, help="chance each augmentation hits an utterance")
+    arg("--aug-ramp", type=int, default=500, help="updates over which aug-prob rises from 0")
+    arg("--espeak", type=int, default=40, metavar="N", help="add N espeak-ng speakers (0: off)")
+    arg("--espeak-fraction", type=float, default=0.2, help="share of synthetic utterances")
     arg("--espeak-cache", default="runs/espeak-cache", help="where generated audio is kept")
     arg("--unseen-speaker", default=UNSEEN_SPEAKER)
-    arg("--eval-every", type=int, default=250)
+    arg("--eval-every", type=int, default=400)
     arg("--eval-size", type=int, default=300, help="utterances per final evaluation set")
     arg("--beam", type=int, default=8)
     arg("--seed", type=int, default=0)
@@ -221,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    dist.setup()
+    main_process = dist.is_main()
     torch.set_num_threads(args.threads)
     run_dir = Path(args.run_dir)
     model_config = SpeechEncoderConfig(
@@ -245,13 +267,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.espeak:
         from .espeak import EspeakUnavailable, synthetic_clips
 
-        try:
-            tick = time.monotonic()
-            synthetic = synthetic_clips(args.espeak, args.seed, args.espeak_cache)
-            print(f"espeak-ng: {args.espeak} synthetic speakers, {len(synthetic)} clips "
-                  f"in {time.monotonic() - tick:.1f} s")  # fmt: skip
-        except EspeakUnavailable as error:
-            print(f"skipping the synthetic speakers: {error}")
+        def speakers() -> list[Clip]:
+            try:
+                tick = time.monotonic()
+                clips = synthetic_clips(args.espeak, args.seed, args.espeak_cache)
+                if main_process:
+                    print(f"espeak-ng: {args.espeak} synthetic speakers, {len(clips)} clips "
+                          f"in {time.monotonic() - tick:.1f} s")  # fmt: skip
+                return clips
+            except EspeakUnavailable as error:
+                if main_process:
+                    print(f"skipping the synthetic speakers: {error}")
+                return []
+
+        # Rank 0 makes the clips and fills the cache; then the others read it.
+        synthetic = speakers() if main_process else []
+        dist.barrier()
+        synthetic = synthetic if main_process else speakers()
 
     # Small fixed sets to draw the curves; the final numbers use the full sets below.
     monitor = {name: eval_set(parts[name], 100, seed) for name, seed in EVAL_SEEDS.items()}
@@ -264,12 +296,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             for name, utts in monitor.items()
         }
 
-    def loss_fn(batch: SpeechBatch) -> tuple[Tensor, dict[str, float]]:
-        loss = model.ctc_loss(batch.feats, batch.frames, batch.targets, batch.target_lengths)
+    def loss_fn(part: tuple[SpeechBatch, int]) -> tuple[Tensor, dict[str, float]]:
+        batch, total = part
+        # SpeechEncoder.ctc_loss, written out: its forward must go through the DDP wrapper.
+        log_probs, out_lengths = net(batch.feats, batch.frames)
+        loss = F.ctc_loss(
+            log_probs.transpose(0, 1),
+            batch.targets,
+            out_lengths,
+            batch.target_lengths,
+            blank=0,
+            reduction="mean",
+            zero_infinity=True,
+        )
+        loss = loss * dist.mean_share(len(batch.frames), total)  # the global batch's mean
         return loss, {"frames": float(batch.frames.sum())}
 
     torch.manual_seed(args.seed)
     model = SpeechEncoder(model_config)
+    net = dist.wrap(model)  # DDP under torchrun: the forward that averages the gradients
     train_config = TrainConfig(
         run_dir=run_dir,
         lr=args.lr,
@@ -303,16 +348,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     def progress() -> float:
         return trainers[0].progress() if trainers else 0.0
 
+    def shards(epoch: int) -> Iterator[tuple[SpeechBatch, int]]:
+        return ((shard(batch), len(batch.frames)) for batch in batches(epoch))
+
     trainer = Trainer(
-        model,
+        net,
         loss_fn,
-        batches,
+        shards,
         train_config,
         schedule=lambda opt: warmup_cosine(opt, args.warmup, progress=progress),
         evaluate=evaluate,
     )
     trainers.append(trainer)
     result = trainer.train()
+    if not main_process:
+        return 0
     model.save_pretrained(run_dir / "model")
 
     tick = time.monotonic()

@@ -15,6 +15,10 @@ training ends with whichever of the final and the averaged weights has the bette
 that valid subset. The model goes to ``--model-dir`` (safetensors + config.json + the
 spm.model it needs); the test set is then translated with beam search and scored against
 all references of each sentence.
+
+Under ``torchrun --nproc-per-node N`` each process trains on its sentences of every global
+batch (the same batches as one process; the loss stays the mean over the global batch's
+tokens), and rank 0 alone evaluates, averages, saves and tests.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from ...training import (
     warmup_cosine,
     warmup_inverse_sqrt,
 )
+from ...training import distributed as dist
 from .data import (
     PAD_ID,
     SPM_MODEL,
@@ -53,7 +58,7 @@ from .data import (
 )
 from .evaluate import evaluate_pairs
 
-__all__ = ["EpochBatches", "WeightAverage", "build_parser", "main"]
+__all__ = ["EpochBatches", "WeightAverage", "build_parser", "main", "shard"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,6 +120,11 @@ class EpochBatches:
         return self._cached[1]
 
 
+def shard(batch: Batch) -> Batch:
+    """This process's sentences of a global batch (padded as the global batch is)."""
+    return Batch(dist.rows(batch.src), dist.rows(batch.tgt_in), dist.rows(batch.tgt_out))
+
+
 class WeightAverage:
     """Mean of the weights sampled every ``every`` steps once the run is ``start`` done.
 
@@ -158,12 +168,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.minutes = 50.0
     if has_checkpoint(args.run_dir / "last") and not (args.resume or args.overwrite):
         parser.error(f"{args.run_dir} already holds a run: pass --resume or --overwrite")
+    dist.setup()
+    main_process = dist.is_main()
+    say = print if main_process else lambda *args, **kwargs: None
     torch.set_num_threads(args.threads)
     started = time.monotonic()
 
     splits = load_splits()
     sp = load_tokenizer()
-    print(
+    say(
         f"data: {len(splits.train)} train pairs, {len(splits.valid)} valid, {len(splits.test)} "
         f"test; vocabulary {sp.get_piece_size()} pieces"
     )
@@ -181,17 +194,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     valid_batches = token_batches(encode_pairs(valid, sp, config.max_len), 8192, shuffle=False)
     torch.manual_seed(args.seed)
     model = Seq2SeqTransformer(config)
-    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {config}")
+    net = dist.wrap(model)  # DDP under torchrun: the forward that averages the gradients
+    say(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {config}")
 
-    def loss_fn(batch: Batch) -> tuple[Tensor, dict[str, float]]:
+    global_batches = EpochBatches(train_examples, args.max_tokens, args.seed)
+
+    def batches(epoch: int) -> list[tuple[Batch, int]]:
+        """This process's part of each global batch, and the global batch's target tokens."""
+        return [(shard(batch), batch.tokens) for batch in global_batches(epoch)]
+
+    def loss_fn(part: tuple[Batch, int]) -> tuple[Tensor, dict[str, float]]:
+        batch, total_tokens = part
         with _autocast(args.bf16):
-            logits = model(batch.src, batch.tgt_in)
+            logits = net(batch.src, batch.tgt_in)
         loss = F.cross_entropy(
             logits.float().flatten(0, 1),
             batch.tgt_out.flatten(),
             ignore_index=PAD_ID,
             label_smoothing=args.label_smoothing,
         )
+        loss = loss * dist.mean_share(batch.tokens, total_tokens)  # the global token mean
         return loss, {"tokens": batch.tokens, "sentences": batch.src.shape[0]}
 
     def evaluate(model: torch.nn.Module, step: int) -> dict[str, float]:
@@ -247,16 +269,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     average = WeightAverage(model, args.average_every, 1.0 - args.average_fraction)
     trainer = Trainer(
-        model,
+        net,
         loss_fn,
-        EpochBatches(train_examples, args.max_tokens, args.seed),
+        batches,
         train_config,
         schedule=schedule,
         evaluate=evaluate,
-        after_step=average if args.average_fraction > 0 else None,
+        after_step=average if args.average_fraction > 0 and main_process else None,
     )
     trainers.append(trainer)
     result = trainer.train()
+    if not main_process:
+        return 0
     print(
         f"trained {result.step} steps ({result.epoch} epochs) in {result.elapsed_seconds / 60:.1f}"
         f" min; final loss {result.final_loss}"
