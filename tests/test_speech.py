@@ -231,3 +231,37 @@ def test_model_round_trip_and_bad_input(tmp_path) -> None:
         model(feats, torch.tensor([40, 3]))
     with pytest.raises(TypeError, match="feats"):
         model(feats.numpy())
+
+
+@pytest.mark.parametrize(
+    ("final_wer", "average_wer", "kept"), [(0.2, 0.2, "average"), (0.1, 0.2, "final")]
+)
+def test_averaged_weights_are_kept_only_if_no_worse(monkeypatch, final_wer, average_wer, kept):
+    from types import SimpleNamespace
+
+    from multihead.apps.speech import train
+    from multihead.training import WeightAverage
+
+    torch.manual_seed(0)
+    model = SpeechEncoder(SpeechEncoderConfig(d_model=16, num_heads=2, num_layers=1,
+                                              dim_feedforward=32, conv_channels=4))  # fmt: skip
+    final = {k: v.clone() for k, v in model.state_dict().items()}
+    average = WeightAverage(model, every=1, start=0.0)
+    average(SimpleNamespace(step=1, progress=lambda: 1.0))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    average(SimpleNamespace(step=2, progress=lambda: 1.0))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.sub_(1.0)  # back to the final weights; the average is final + 0.5
+    scores = iter([final_wer, average_wer])
+    monkeypatch.setattr(train, "transcribe", lambda model, utts: ["x"] * len(utts))
+    monkeypatch.setattr(train, "wer", lambda refs, hyps: next(scores))
+    held_out = [SimpleNamespace(text="1 2")]
+    chosen = train.choose_average(model, average, held_out)
+    assert chosen.startswith(kept)
+    state = model.state_dict()
+    for key, value in final.items():
+        want = value + 0.5 if kept == "average" and value.is_floating_point() else value
+        torch.testing.assert_close(state[key], want)

@@ -265,3 +265,24 @@ def test_config_bad_input(tmp_path: Path) -> None:
         TrainConfig(run_dir=tmp_path, lr=0.0, max_steps=1)
     with pytest.raises(TypeError, match="max_steps"):
         TrainConfig(run_dir=tmp_path, max_steps=1.5)  # type: ignore[arg-type]
+
+
+def test_weight_average_is_the_mean_of_the_sampled_weights() -> None:
+    from types import SimpleNamespace
+
+    from multihead.training import WeightAverage
+
+    model = torch.nn.Linear(2, 1)
+    average = WeightAverage(model, every=2, start=0.5)
+    samples = []
+    for step in range(1, 9):
+        with torch.no_grad():
+            model.weight.fill_(float(step))
+            model.bias.fill_(-float(step))
+        average(SimpleNamespace(step=step, progress=lambda step=step: step / 8))
+        if step % 2 == 0 and step / 8 >= 0.5:
+            samples.append(float(step))
+    assert average.count == len(samples) == 3  # steps 4, 6 and 8
+    state = average.state_dict()
+    torch.testing.assert_close(state["weight"], torch.full((1, 2), sum(samples) / 3))
+    torch.testing.assert_close(state["bias"], torch.full((1,), -sum(samples) / 3))

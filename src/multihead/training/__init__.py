@@ -1,5 +1,6 @@
 """One small training loop for every application: schedules, checkpoints, resume, logs."""
 
+from .average import WeightAverage
 from .checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -27,6 +28,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "Trainer",
+    "WeightAverage",
     "capture_rng",
     "find_checkpoint",
     "has_checkpoint",

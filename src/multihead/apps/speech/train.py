@@ -6,7 +6,9 @@ Every training batch is made fresh: utterances of 1-7 training recordings (plus,
 ``--espeak N``, N synthetic espeak-ng speakers), some clips with noisy untrimmed-looking
 margins, then speed perturbation, log-mel with VTLP-warped filters, and SpecAugment. The
 augmentations start off and ramp up over ``--aug-ramp`` updates: on clean data CTC leaves its
-all-blank plateau sooner. At the end the model is saved (safetensors + JSON) to ``RUN/model``
+all-blank plateau sooner. Over the last ``--average-fraction`` of the run the weights are
+averaged; the average replaces the final weights if it does no worse on fresh utterances
+made from the training recordings (the test sets play no part in the choice). At the end the model is saved (safetensors + JSON) to ``RUN/model``
 and scored on the test recordings and the unseen speaker, greedy and beam; the numbers go to
 ``RUN/metrics.json``, the curves to ``RUN/log.jsonl`` and ``RUN/curves.png``.
 
@@ -32,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...models.speech import SpeechEncoder, SpeechEncoderConfig
-from ...training import TrainConfig, Trainer, warmup_cosine
+from ...training import TrainConfig, Trainer, WeightAverage, warmup_cosine
 from ...training import distributed as dist
 from .augment import AugmentConfig, spec_augment, speed_perturb
 from .data import (
@@ -202,6 +204,24 @@ class TrainingBatches:
                 step += 1
 
 
+def choose_average(
+    model: SpeechEncoder, average: WeightAverage, held_out: Sequence[Utterance]
+) -> str:
+    """Load the averaged weights into ``model`` if they do no worse than the final ones on
+    ``held_out`` (fresh utterances of training recordings, never the test sets). Returns
+    which weights it kept."""
+    if average.count < 2:
+        return "final"
+    refs = [u.text for u in held_out]
+    final_state = {k: v.clone() for k, v in model.state_dict().items()}
+    final_wer = wer(refs, transcribe(model, held_out))
+    model.load_state_dict(average.state_dict())
+    if wer(refs, transcribe(model, held_out)) <= final_wer:
+        return f"average of {average.count}"
+    model.load_state_dict(final_state)
+    return "final"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="multihead.apps.speech.train", description=__doc__)
     arg = p.add_argument
@@ -231,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     arg("--eval-every", type=int, default=400)
     arg("--eval-size", type=int, default=300, help="utterances per final evaluation set")
     arg("--beam", type=int, default=8)
+    arg("--average-fraction", type=float, default=0.25,
+        help="average the weights over this last share of the run (0: off)")  # fmt: skip
+    arg("--average-every", type=int, default=25, help="updates between averaged samples")
     arg("--seed", type=int, default=0)
     arg("--threads", type=int, default=2)
     arg("--resume", action="store_true")
@@ -351,6 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def shards(epoch: int) -> Iterator[tuple[SpeechBatch, int]]:
         return ((shard(batch), len(batch.frames)) for batch in batches(epoch))
 
+    average = WeightAverage(model, args.average_every, 1.0 - args.average_fraction)
     trainer = Trainer(
         net,
         loss_fn,
@@ -358,20 +382,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         train_config,
         schedule=lambda opt: warmup_cosine(opt, args.warmup, progress=progress),
         evaluate=evaluate,
+        after_step=average if args.average_fraction > 0 and main_process else None,
     )
     trainers.append(trainer)
     result = trainer.train()
     if not main_process:
         return 0
-    model.save_pretrained(run_dir / "model")
 
     tick = time.monotonic()
     sets = {name: eval_set(parts[name], args.eval_size, seed) for name, seed in EVAL_SEEDS.items()}
+    model.eval()
+    final_scores = score(model, sets, (None, args.beam))
+    chosen = choose_average(model, average, eval_set(parts["train"], args.eval_size, seed=4004))
+    model.save_pretrained(run_dir / "model")
     metrics = {
         "steps": result.step,
         "train_seconds": round(result.elapsed_seconds, 1),
         "final_loss": result.final_loss,
-        **score(model, sets, (None, args.beam)),
+        "weights": chosen,
+        **(final_scores if chosen == "final" else score(model, sets, (None, args.beam))),
+        "final_weights": final_scores,
         "eval_seconds": round(time.monotonic() - tick, 1),
         "parameters": sum(p.numel() for p in model.parameters()),
         "augment": asdict(augment),

@@ -40,6 +40,7 @@ from ...models import Seq2SeqConfig, Seq2SeqTransformer
 from ...training import (
     TrainConfig,
     Trainer,
+    WeightAverage,
     has_checkpoint,
     warmup_cosine,
     warmup_inverse_sqrt,
@@ -58,7 +59,7 @@ from .data import (
 )
 from .evaluate import evaluate_pairs
 
-__all__ = ["EpochBatches", "WeightAverage", "build_parser", "main", "shard"]
+__all__ = ["EpochBatches", "build_parser", "main", "shard"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,36 +124,6 @@ class EpochBatches:
 def shard(batch: Batch) -> Batch:
     """This process's sentences of a global batch (padded as the global batch is)."""
     return Batch(dist.rows(batch.src), dist.rows(batch.tgt_in), dist.rows(batch.tgt_out))
-
-
-class WeightAverage:
-    """Mean of the weights sampled every ``every`` steps once the run is ``start`` done.
-
-    A cheap stand-in for averaging the last checkpoints: it smooths out the noise of the
-    last updates. Kept in memory, so a resumed run averages only what it saw itself.
-    """
-
-    def __init__(self, model: torch.nn.Module, every: int, start: float) -> None:
-        self.model, self.every, self.start = model, every, start
-        self.sum: dict[str, Tensor] | None = None
-        self.count = 0
-
-    def __call__(self, trainer: Trainer) -> None:
-        if trainer.step % self.every or trainer.progress() < self.start:
-            return
-        state = self.model.state_dict()
-        if self.sum is None:
-            self.sum = {k: v.detach().double().clone() for k, v in state.items()}
-        else:
-            for key, value in state.items():
-                self.sum[key] += value.detach().double()
-        self.count += 1
-
-    def state_dict(self) -> dict[str, Tensor]:
-        if self.sum is None:
-            raise ValueError("no weights collected yet")
-        state = self.model.state_dict()
-        return {k: (v / self.count).to(state[k].dtype) for k, v in self.sum.items()}
 
 
 def _autocast(enabled: bool) -> contextlib.AbstractContextManager[object]:
