@@ -28,7 +28,8 @@ def _run(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
         (("translate", "Hello.", "--model", "/no/such/dir"), "no translation model in"),
         (("translate", "   "), "the sentence is empty"),
         (("show", "/no/such/weights.safetensors"), "error"),
-        (("eval", "speech"), "eval speech"),
+        (("eval", "image"), "eval image"),
+        (("eval", "speech", "--model", "/no/such/dir"), "no speech model in"),
         (("demo", "--model", "/no/such/dir"), "no translation model in"),
     ],
 )

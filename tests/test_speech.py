@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -265,3 +266,18 @@ def test_averaged_weights_are_kept_only_if_no_worse(monkeypatch, final_wer, aver
     for key, value in final.items():
         want = value + 0.5 if kept == "average" and value.is_floating_point() else value
         torch.testing.assert_close(state[key], want)
+
+
+SHIPPED = Path(__file__).resolve().parents[1] / "models" / "speech-digits"
+
+
+@pytest.mark.skipif(not SHIPPED.is_dir(), reason="no shipped speech model")
+def test_shipped_model_meets_the_wer_targets() -> None:
+    """The model in the repo, on the full fixed evaluation sets (jiwer, greedy decoding):
+    WER ≤ 3 % on the test recordings and ≤ 15 % on the speaker never heard in training."""
+    from multihead.apps.speech.evaluate import evaluation_sets, score
+
+    model = SpeechEncoder.from_pretrained(SHIPPED)
+    results = score(model, evaluation_sets(300), beams=(None,))
+    assert results["test_wer_greedy"] <= 3.0
+    assert results["unseen_wer_greedy"] <= 15.0

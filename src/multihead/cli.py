@@ -3,7 +3,7 @@
 multihead demo                         the shipped English → French model: scores, pictures
 multihead demo layer                   one attention layer, step by step, vs torch's
 multihead train translate|image|speech [options]    (options: multihead train TASK --help)
-multihead eval translate [--model DIR] [--sentences N] [--beam B]
+multihead eval translate|speech [--model DIR] [--sentences N] [--beam B]
 multihead translate "Where is the station?" [--show]   (no sentence: one per stdin line)
 multihead show translation "..." | image N | weights.safetensors
 """
@@ -24,6 +24,7 @@ TASKS = {
     "speech": "multihead.apps.speech.train",
 }
 TRANSLATION_MODEL = Path("models/translate-en-fr")
+SPEECH_MODEL = Path("models/speech-digits")
 
 
 class UserError(Exception):
@@ -48,20 +49,41 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    if args.task == "speech":
+        return _eval_speech(args)
     if args.task != "translate":
         raise UserError(
             f"eval {args.task}: its training command scores the model at the end "
-            f"(multihead train {args.task}); eval is for the shipped translation model"
+            f"(multihead train {args.task}); eval is for the shipped translation and speech "
+            "models"
         )
     from .apps.translate import demo
     from .apps.translate.data import load_splits
     from .apps.translate.evaluate import evaluate_pairs
 
-    model, sp = demo.load(args.model)
-    scores, _ = evaluate_pairs(
-        model, sp, load_splits().test, limit=args.sentences, beam_size=args.beam
-    )
+    model, sp = demo.load(TRANSLATION_MODEL if args.model is None else args.model)
+    beam = 5 if args.beam is None else args.beam
+    scores, _ = evaluate_pairs(model, sp, load_splits().test, limit=args.sentences, beam_size=beam)
     print(f"test: {scores}")
+    return 0
+
+
+def _eval_speech(args: argparse.Namespace) -> int:
+    from .apps.speech.evaluate import evaluation_sets, score
+    from .models import SpeechEncoder
+
+    directory = SPEECH_MODEL if args.model is None else args.model
+    if not (directory / "config.json").is_file():
+        raise UserError(f"no speech model in {directory} (config.json missing)")
+    model = SpeechEncoder.from_pretrained(directory)
+    size = 300 if args.sentences is None else args.sentences
+    beam = 8 if args.beam is None else args.beam
+    results = score(model, evaluation_sets(size), (None, beam))
+    for name in ("test", "unseen"):
+        print(
+            f"{name}: WER {results[f'{name}_wer_greedy']:.2f} % greedy, "
+            f"{results[f'{name}_wer_beam{beam}']:.2f} % beam {beam} ({size} utterances)"
+        )
     return 0
 
 
@@ -114,9 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="score a trained model on its test set")
     evaluate.add_argument("task", choices=sorted(TASKS))
-    evaluate.add_argument("--model", type=Path, default=TRANSLATION_MODEL)
-    evaluate.add_argument("--sentences", type=int, help="this many test sentences (all)")
-    evaluate.add_argument("--beam", type=int, default=5)
+    evaluate.add_argument("--model", type=Path, help="default: the shipped model of the task")
+    evaluate.add_argument(
+        "--sentences", type=int, help="this many test sentences (all) / utterances (300)"
+    )
+    evaluate.add_argument("--beam", type=int, help="beam size (translate 5, speech 8)")
     evaluate.set_defaults(run=_eval)
 
     translate = commands.add_parser("translate", help="English → French")

@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     arg("--minutes", type=float, default=20.0, help="time budget (training and evaluation)")
     arg("--steps", type=int, default=None, help="stop after this many updates")
     arg("--batch-size", type=int, default=32)
-    arg("--lr", type=float, default=1.5e-3)
+    arg("--lr", type=float, default=2.5e-3)
     arg("--warmup", type=int, default=300)
     arg("--d-model", type=int, default=144)
     arg("--layers", type=int, default=4)
