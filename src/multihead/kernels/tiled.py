@@ -330,10 +330,20 @@ class _TiledAttention(torch.autograd.Function):
         q_blocks = _blocks(query.shape[2], tiling.block_q)
         k_blocks = _blocks(key.shape[2], tiling.block_k)
         compute = lse.dtype
+        merge = _use_fused(query, value, softcap, dropout)
+        if len(q_blocks) == 1 and tiling.spans(0, k_blocks, merge) == [(0, key.shape[2], None)]:
+            # One unmasked fused call did the forward: its backward gives the gradients
+            # directly, with no accumulators beside them.
+            d_q, d_k, d_v = _tile_backward(
+                grad_output, query, _expand_heads(key, heads), _expand_heads(value, heads),
+                output, lse, None, scale, softcap, dropout,
+            )  # fmt: skip
+            d_k, d_v = _sum_groups(d_k, kv_heads), _sum_groups(d_v, kv_heads)
+            grads = (d_q.to(query.dtype), d_k.to(key.dtype), d_v.to(value.dtype))
+            return (*grads, None, None, None, None)
         d_query = torch.zeros(query.shape, dtype=compute, device=query.device)
         d_key = torch.zeros(key.shape, dtype=compute, device=key.device)
         d_value = torch.zeros(value.shape, dtype=compute, device=value.device)
-        merge = _use_fused(query, value, softcap, dropout)
         for i, (q0, q1) in enumerate(q_blocks):
             rows = (query[..., q0:q1, :], output[..., q0:q1, :], lse[..., q0:q1, :])
             d_out = grad_output[..., q0:q1, :]
