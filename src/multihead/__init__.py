@@ -6,6 +6,7 @@ Layout inside the library is (batch, heads, seq, head_dim); modules take
 
 from . import compat, masks
 from .cache import CrossAttentionCache, KVCache, SlidingWindowKVCache
+from .distributed import RingAttention, ring_attention
 from .functional import attention, explain
 from .kernels.tiled import tiled_weights as attention_weights
 from .masks import Mask
@@ -24,3 +25,4 @@ __all__ += ["LMConfig", "Seq2SeqConfig", "Seq2SeqTransformer", "TransformerLM"]
 __all__ += ["SlidingWindowKVCache", "attention_varlen", "pack", "unpack"]
 __all__ += ["ALiBi", "RelativePositionBias", "RotaryEmbedding", "alibi_bias"]
 __all__ += ["attention_weights"]
+__all__ += ["RingAttention", "ring_attention"]
