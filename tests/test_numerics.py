@@ -122,8 +122,8 @@ def test_query_gradient_at_near_tied_extreme_logits(kernel, dtype):
     within 1% of the largest gradient, and so does the tiled kernel with no mask (one fused
     call). Known loose: the tiled kernel when a mask cuts the work into several tiles (each
     tile's log-sum-exp is rounded at |score| 1e4, so the tiles' weights are not consistent to
-    the last bit), its bf16 form, and torch's bf16 SDPA backward; their outputs and the key/value gradients
-    are fine and every gradient is finite (tested above)."""
+    the last bit), its bf16 form, and torch's bf16 SDPA backward; their outputs and the
+    key/value gradients are fine and every gradient is finite (tested above)."""
     q64, k64, v64 = _extreme("ties", 1.0)
     q, k, v = (t.to(dtype).requires_grad_() for t in (q64, k64, v64))
     attention(q, k, v, kernel=kernel).float().square().sum().backward()

@@ -8,8 +8,9 @@ margins, then speed perturbation, log-mel with VTLP-warped filters, and SpecAugm
 augmentations start off and ramp up over ``--aug-ramp`` updates: on clean data CTC leaves its
 all-blank plateau sooner. Over the last ``--average-fraction`` of the run the weights are
 averaged; the average replaces the final weights if it does no worse on fresh utterances
-made from the training recordings (the test sets play no part in the choice). At the end the model is saved (safetensors + JSON) to ``RUN/model``
-and scored on the test recordings and the unseen speaker, greedy and beam; the numbers go to
+made from the training recordings (the test sets play no part in the choice). At the end
+the model is saved (safetensors + JSON) to ``RUN/model`` and scored on the test recordings
+and the unseen speaker, greedy and beam; the numbers go to
 ``RUN/metrics.json``, the curves to ``RUN/log.jsonl`` and ``RUN/curves.png``.
 
 Under ``torchrun --nproc-per-node N`` every process makes each whole global batch (so the
