@@ -46,6 +46,29 @@ def _check_positive_int(name: str, value: object) -> int:
     return value
 
 
+def refuse_beyond_self_attention(
+    what: str,
+    query: object,
+    key: object,
+    value: object,
+    mask: object,
+    need_weights: object,
+    cache: object,
+) -> None:
+    """Packed or sharded self-attention reads only the query: name the first other argument
+    given, rather than ignore it."""
+    unsupported = {
+        "key": key is not None and key is not query,
+        "value": value is not None and value is not query,
+        "mask": mask is not None,
+        "need_weights": bool(need_weights),
+        "cache": cache is not None,
+    }
+    for name, given in unsupported.items():
+        if given:
+            raise ValueError(f"{name} cannot be used with {what}")
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head attention (Vaswani et al., 2017) with GQA, QK-norm and soft-capping.
 
@@ -444,16 +467,9 @@ class MultiHeadAttention(nn.Module):
                 f"with cu_seqlens, query must be packed (total_tokens, {self.embed_dim}), "
                 f"got shape {tuple(query.shape)}"
             )
-        unsupported = {
-            "key": key is not None and key is not query,
-            "value": value is not None and value is not query,
-            "mask": mask is not None,
-            "need_weights": bool(need_weights),
-            "cache": cache is not None,
-        }
-        for name, given in unsupported.items():
-            if given:
-                raise ValueError(f"{name} cannot be used with cu_seqlens (packed self-attention)")
+        refuse_beyond_self_attention(
+            "cu_seqlens (packed self-attention)", query, key, value, mask, need_weights, cache
+        )
         if self.alibi is not None or self.relative_bias is not None:
             raise ValueError(
                 f"positions={self.positions!r} cannot be used with cu_seqlens: its score bias "

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..multi_head_attention import MultiHeadAttention
+from ..multi_head_attention import MultiHeadAttention, refuse_beyond_self_attention
 from .ring import Layout, Ring, ring_attention
 
 __all__ = ["RingAttention"]
@@ -60,18 +60,9 @@ class RingAttention(nn.Module):
         cache: object = None,
     ) -> Tensor:
         """query (batch, shard_len, embed_dim): this rank's shard → its output shard."""
-        unsupported = {
-            "key": key is not None and key is not query,
-            "value": value is not None and value is not query,
-            "mask": mask is not None,
-            "need_weights": bool(need_weights),
-            "cache": cache is not None,
-        }
-        for name, given in unsupported.items():
-            if given:
-                raise ValueError(
-                    f"{name} cannot be used with RingAttention (sharded self-attention)"
-                )
+        refuse_beyond_self_attention(
+            "RingAttention (sharded self-attention)", query, key, value, mask, need_weights, cache
+        )
         if causal not in (False, True, "top-left", "bottom-right"):
             raise ValueError(
                 f"causal must be True, False, 'top-left' or 'bottom-right', got {causal!r}"
