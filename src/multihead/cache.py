@@ -118,7 +118,9 @@ class SlidingWindowKVCache:
     align="bottom-right")`` over what `append` returns (all of it for a single new token).
     `MultiHeadAttention` applies that mask itself when given this cache. Chronological order
     costs a copy of the window per step; it keeps the relative distances that ALiBi and
-    relative biases read from (q_len, k_len) right.
+    relative biases read from (q_len, k_len) right. Where nothing reads the key order (one
+    new token, no mask, no score bias, no weights), the layer asks for ``ordered=False`` and
+    attends over the buffer as it lies.
     """
 
     def __init__(
@@ -150,10 +152,14 @@ class SlidingWindowKVCache:
         slots = slots % self.window
         return self.keys[:, :, slots], self.values[:, :, slots]
 
-    def append(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+    def append(self, key: Tensor, value: Tensor, *, ordered: bool = True) -> tuple[Tensor, Tensor]:
         """Store ``key``/``value`` (batch, kv_heads, new, head_dim); return what the new
         queries may see, (batch, kv_heads, min(length, window − 1) + new, head_dim), oldest
-        first (see the class docstring for the mask that goes with it)."""
+        first (see the class docstring for the mask that goes with it).
+
+        ``ordered=False`` with one new position returns the buffer itself, in slot order, no
+        copy: one query sees every key it holds, and attention without a position bias does
+        not depend on the order of the keys (RoPE is in the cached keys already)."""
         expected = (self.keys.shape[0], self.keys.shape[1], self.keys.shape[3])
         for name, x in (("key", key), ("value", value)):
             if not isinstance(x, Tensor):
@@ -167,6 +173,12 @@ class SlidingWindowKVCache:
             _check_like_buffer(name, x, self.keys)
         if key.shape[2] != value.shape[2]:
             raise ValueError(f"key has {key.shape[2]} positions but value has {value.shape[2]}")
+        if not ordered and key.shape[2] == 1:
+            slot = self.position % self.window
+            self.keys[:, :, slot : slot + 1] = key.to(self.keys.dtype)
+            self.values[:, :, slot : slot + 1] = value.to(self.values.dtype)
+            self.position += 1
+            return self.keys[:, :, : self.length], self.values[:, :, : self.length]
         old_keys, old_values = self._chronological(min(self.length, self.window - 1))
         keys = torch.cat([old_keys, key.to(self.keys.dtype)], dim=2)
         values = torch.cat([old_values, value.to(self.values.dtype)], dim=2)

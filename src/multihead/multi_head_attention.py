@@ -212,6 +212,7 @@ class MultiHeadAttention(nn.Module):
         value: Tensor | None,
         cache: SelfCache | CrossAttentionCache,
         causal: CausalArg,
+        key_order_free: bool = False,
     ) -> tuple[Tensor, Tensor, Tensor, CausalArg]:
         """Heads for a decoding step: project only what the cache does not hold yet."""
         if isinstance(cache, SelfCache):
@@ -226,7 +227,10 @@ class MultiHeadAttention(nn.Module):
             q, k, v = self._heads(*self._project(query, query, query))
             offset = cache.position if isinstance(cache, SlidingWindowKVCache) else cache.length
             q, k = self._rotate(q, k, offset)  # keys are cached rotated, at their true positions
-            k, v = cache.append(k, v)
+            if isinstance(cache, SlidingWindowKVCache):
+                k, v = cache.append(k, v, ordered=not key_order_free)
+            else:
+                k, v = cache.append(k, v)
             return q, k, v, "bottom-right" if causal else False
         if not isinstance(cache, CrossAttentionCache):
             raise TypeError(
@@ -409,7 +413,11 @@ class MultiHeadAttention(nn.Module):
                 "cross-attention (key is not query)"
             )
         if cache is not None:
-            q, k, v, causal = self._cached_qkv(query, key, value, cache, causal)
+            # No mask, score bias or weights to read in key order: the window cache may hand
+            # a single query its keys in slot order, without a copy.
+            order_free = mask is None and self.positions in (None, "rope") and not need_weights
+            order_free = order_free and weights_recorder.get() is None
+            q, k, v, causal = self._cached_qkv(query, key, value, cache, causal, order_free)
         else:
             key = query if key is None else key
             value = key if value is None else value
@@ -420,7 +428,8 @@ class MultiHeadAttention(nn.Module):
         window = None
         if isinstance(cache, SlidingWindowKVCache):
             q_len, k_len = q.shape[2], k.shape[2]
-            window = masks_lib.sliding_window(q_len, k_len, cache.window, "bottom-right")
+            if q_len > 1 or k_len > cache.window:  # else one query sees every key returned
+                window = masks_lib.sliding_window(q_len, k_len, cache.window, "bottom-right")
         bias = self._position_bias(q.shape[2], k.shape[2], q.dtype)
         mask = _merge_masks(mask, window, bias, q, k)
 
