@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bench_common import cpu_model
 from torch import Tensor, nn
 
 import multihead
@@ -281,16 +282,6 @@ def check_same_outputs(contenders: list[Contender], n: int = 64) -> float:
 
 
 # -- reporting ---------------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def print_table(results: list[Result], contenders: list[Contender], sizes: list[int]) -> None:

@@ -45,6 +45,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from bench_common import load_average, proc_status
 from torch import Tensor
 
 import multihead
@@ -73,14 +74,6 @@ TARGETS = {
     ),
 }
 MMAP_THRESHOLD = "131072"
-
-
-def proc_status(field: str) -> int:
-    """A memory line of /proc/self/status (VmRSS, VmHWM) in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def inputs(n: int, rank: int, world: int, grad: bool) -> list[Tensor]:
@@ -293,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
         "multihead": multihead.__version__,
         "python": platform.python_version(),
         "cpu_count": os.cpu_count(),
-        "load_average_start": [round(x, 2) for x in os.getloadavg()],
+        "load_average_start": load_average(),
         "length": length,
         "batch": BATCH,
         "heads": HEADS,
@@ -361,7 +354,7 @@ def main(argv: list[str] | None = None) -> None:
         if value is not None:
             print(f"{'met' if met else 'MISSED':6s} {name}: {value:.3g} (goal <= {goal}) — {what}")
     meta["elapsed_s"] = round(time.perf_counter() - started, 1)
-    meta["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    meta["load_average_end"] = load_average()
     payload = {
         "meta": meta,
         "targets": targets,

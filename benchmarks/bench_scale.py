@@ -59,6 +59,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from bench_common import cpu_model, interleave, load_average, paired_ratio, proc_status
 from torch import Tensor, nn
 
 import multihead
@@ -123,29 +124,12 @@ def round_robin(
         elapsed = [step() for _ in range(warmup)][-1]
         fewest = min_repeats if elapsed < SLOW_STEP_S else min(min_repeats, 2)
         repeats[key] = max(fewest, min(max_repeats, math.ceil(target_s / elapsed)))
-    keys = list(steps)
-    rounds = max(repeats.values())
-    times: dict[str, list[tuple[int, float]]] = {key: [] for key in keys}
-    for index in range(rounds):
-        shift = index % len(keys)
-        for key in keys[shift:] + keys[:shift]:
-            n = repeats[key]
-            if (index + 1) * n // rounds > index * n // rounds:
-                times[key].append((index, steps[key]()))
-    return times
+    by_round = {key: (lambda index, step=step: step()) for key, step in steps.items()}
+    return interleave(by_round, max(repeats.values()), repeats)
 
 
 def median(times: list[tuple[int, float]]) -> float:
     return statistics.median(t for _, t in times)
-
-
-def paired_ratio(times: list[tuple[int, float]], base: list[tuple[int, float]]) -> float:
-    """Median over rounds of time / the baseline's time in the nearest round."""
-    ratios = []
-    for index, elapsed in times:
-        nearest = min(base, key=lambda item: abs(item[0] - index))
-        ratios.append(elapsed / nearest[1])
-    return statistics.median(ratios)
 
 
 def mode_steps(
@@ -199,31 +183,6 @@ def train_step(run: Callable[[], Tensor], leaves: list[Tensor]) -> Callable[[], 
 
 
 # -- machine -----------------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def load_average() -> list[float]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return []
-
-
-def proc_status(field: str) -> int:
-    """A memory line of /proc/self/status (VmRSS, VmHWM) in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def mem_available() -> int:

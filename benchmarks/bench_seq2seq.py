@@ -57,6 +57,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from bench_common import cpu_model, interleave, load_average, paired_ratio
 from torch import Tensor, nn
 
 import multihead
@@ -113,40 +114,8 @@ QUICK_SENTENCES = 256
 def round_robin(
     steps: dict[str, Callable[[int], float]], rounds: int, repeats: dict[str, int] | None = None
 ) -> dict[str, list[tuple[int, float]]]:
-    """Call each step once per round, starting one contender later each round.
-
-    ``steps[key](round)`` returns its wall time. A contender with fewer ``repeats`` than
-    there are rounds has its calls spread evenly over them (as in bench_layer.py).
-    """
-    keys = list(steps)
-    repeats = repeats or {}
-    times: dict[str, list[tuple[int, float]]] = {key: [] for key in keys}
-    for index in range(rounds):
-        shift = index % len(keys)
-        for key in keys[shift:] + keys[:shift]:
-            n = repeats.get(key, rounds)
-            if (index + 1) * n // rounds > index * n // rounds:
-                times[key].append((index, steps[key](index)))
-    return times
-
-
-def paired_ratio(times: list[tuple[int, float]], base: list[tuple[int, float]]) -> float:
-    """Median over rounds of time / the baseline's time in the nearest round."""
-    ratios = []
-    for index, elapsed in times:
-        nearest = min(base, key=lambda item: abs(item[0] - index))
-        ratios.append(elapsed / nearest[1])
-    return statistics.median(ratios)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    """`bench_common.interleave`: ``steps[key](round)`` returns its wall time."""
+    return interleave(steps, rounds, repeats)
 
 
 def source_digest() -> str:
@@ -156,13 +125,6 @@ def source_digest() -> str:
     for path in sorted(root.rglob("*.py")):
         digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
-
-
-def load_average() -> list[float]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return []
 
 
 # -- the torch.nn.Transformer twin -------------------------------------------------------------

@@ -26,6 +26,7 @@ pytest.importorskip("sacrebleu")  # the benchmark imports the translation app
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
     saved = dict(os.environ)  # the script sets OMP_WAIT_POLICY for its own process
+    sys.path.insert(0, str(BENCH.parent))  # the script imports bench_common by name
     try:
         spec = importlib.util.spec_from_file_location("bench_seq2seq", BENCH)
         assert spec is not None and spec.loader is not None
@@ -33,6 +34,7 @@ def bench() -> ModuleType:
         sys.modules[spec.name] = module  # dataclasses look their module up there
         spec.loader.exec_module(module)
     finally:
+        sys.path.remove(str(BENCH.parent))
         os.environ.clear()
         os.environ.update(saved)
     return module
