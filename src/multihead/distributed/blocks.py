@@ -38,22 +38,9 @@ def block_forward(
     of ``query``, in place (fp32, or fp64 for fp64 inputs). ``causal``: the block sits on
     the diagonal (query i of the block sees its keys 0..i). Only a row of tiles is held at
     a time, never a block-sized temporary."""
-    heads = query.shape[1]
     tiling = _tiling(query.shape[2], key.shape[2], causal)
-    q_blocks = tiled._blocks(query.shape[2], tiling.block_q)
-    k_blocks = tiled._blocks(key.shape[2], tiling.block_k)
-    merge = tiled._use_fused(query, value, softcap, None)
-    for i, (q0, q1) in enumerate(q_blocks):
-        outs, lses = [], []
-        for k0, k1, j in tiling.spans(i, k_blocks, merge):
-            mask = tiled._tile_mask(tiling, i, j, q0, q1, k0, k1, query.device)
-            k = tiled._expand_heads(key[..., k0:k1, :], heads)
-            v = tiled._expand_heads(value[..., k0:k1, :], heads)
-            tile_out, tile_lse = tiled._tile_forward(
-                query[..., q0:q1, :], k, v, mask, scale, softcap
-            )
-            outs.append(tile_out)
-            lses.append(tile_lse)
+    for i, (q0, q1) in enumerate(tiled._blocks(query.shape[2], tiling.block_q)):
+        outs, lses, _ = tiled.row_tiles(query, key, value, tiling, i, scale, softcap)
         if len(outs) > 1:
             row_out, row_lse = torch.empty_like(outs[0]), torch.empty_like(lses[0])
             tiled._merge(outs, lses, row_out, row_lse)
@@ -80,23 +67,10 @@ def block_backward(
     """Add this block's share of the gradients to ``d_query``, ``d_key`` and ``d_value`` (in
     lse's dtype), in place; d_key and d_value are summed over each key/value head's query
     group (GQA). ``output`` and ``lse`` are the global ones of the query rows."""
-    heads, kv_heads = query.shape[1], key.shape[1]
-    compute = lse.dtype
-    tiling = _tiling(query.shape[2], key.shape[2], causal)
-    q_blocks = tiled._blocks(query.shape[2], tiling.block_q)
-    k_blocks = tiled._blocks(key.shape[2], tiling.block_k)
-    merge = tiled._use_fused(query, value, softcap, None)
-    for i, (q0, q1) in enumerate(q_blocks):
-        q, out, row_lse = query[..., q0:q1, :], output[..., q0:q1, :], lse[..., q0:q1, :]
-        d_out = grad_output[..., q0:q1, :]
-        for k0, k1, j in tiling.spans(i, k_blocks, merge):
-            mask = tiled._tile_mask(tiling, i, j, q0, q1, k0, k1, query.device)
-            k = tiled._expand_heads(key[..., k0:k1, :], heads)
-            v = tiled._expand_heads(value[..., k0:k1, :], heads)
-            d_q, d_k, d_v = tiled._tile_backward(d_out, q, k, v, out, row_lse, mask, scale, softcap)
-            d_query[..., q0:q1, :] += d_q
-            d_key[..., k0:k1, :] += tiled._sum_groups(d_k.to(compute), kv_heads)
-            d_value[..., k0:k1, :] += tiled._sum_groups(d_v.to(compute), kv_heads)
+    tiled.accumulate_gradients(
+        grad_output, query, key, value, output, lse, d_query, d_key, d_value,
+        _tiling(query.shape[2], key.shape[2], causal), scale, softcap,
+    )  # fmt: skip
 
 
 def merge_into(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) -> None:

@@ -279,6 +279,74 @@ def _merge(outs: list[Tensor], lses: list[Tensor], out: Tensor, lse: Tensor) -> 
         out.addcmul_(tile_out, weight)
 
 
+def row_tiles(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    tiling: Tiling,
+    i: int,
+    scale: float,
+    softcap: float | None,
+    dropout: Dropout | None = None,
+) -> tuple[list[Tensor], list[Tensor], bool]:
+    """Query block ``i`` against every key range it visits: the partial outputs and
+    log-sum-exps (compute dtype), and whether they are one unmasked call over all keys
+    (then they are the block's result as they stand; otherwise `_merge` them)."""
+    heads = query.shape[1]
+    q0, q1 = i * tiling.block_q, min((i + 1) * tiling.block_q, query.shape[2])
+    k_blocks = _blocks(key.shape[2], tiling.block_k)
+    spans = tiling.spans(i, k_blocks, _use_fused(query, value, softcap, dropout))
+    q = query[..., q0:q1, :]
+    outs, lses = [], []
+    for k0, k1, j in spans:
+        mask = _tile_mask(tiling, i, j, q0, q1, k0, k1, query.device)
+        k = _expand_heads(key[..., k0:k1, :], heads)
+        v = _expand_heads(value[..., k0:k1, :], heads)
+        tile = i * len(k_blocks) + (j or 0)  # dropout never merges: j is set
+        tile_out, tile_lse = _tile_forward(q, k, v, mask, scale, softcap, dropout, tile)
+        outs.append(tile_out)
+        lses.append(tile_lse)
+    return outs, lses, len(spans) == 1 and spans[0][2] is None
+
+
+def accumulate_gradients(
+    grad_output: Tensor,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    output: Tensor,
+    lse: Tensor,
+    d_query: Tensor,
+    d_key: Tensor,
+    d_value: Tensor,
+    tiling: Tiling,
+    scale: float,
+    softcap: float | None,
+    dropout: Dropout | None = None,
+) -> None:
+    """Add every visited tile's gradients to ``d_query``, ``d_key``, ``d_value`` (in lse's
+    dtype; key/value gradients summed over each GQA group), in place. ``output`` and ``lse``
+    are those of the query rows over all their keys, so the tiles' gradients add up."""
+    heads, kv_heads = query.shape[1], key.shape[1]
+    compute = lse.dtype
+    merge = _use_fused(query, value, softcap, dropout)
+    k_blocks = _blocks(key.shape[2], tiling.block_k)
+    for i, (q0, q1) in enumerate(_blocks(query.shape[2], tiling.block_q)):
+        rows = (query[..., q0:q1, :], output[..., q0:q1, :], lse[..., q0:q1, :])
+        d_out = grad_output[..., q0:q1, :]
+        for k0, k1, j in tiling.spans(i, k_blocks, merge):
+            mask = _tile_mask(tiling, i, j, q0, q1, k0, k1, query.device)
+            k = _expand_heads(key[..., k0:k1, :], heads)
+            v = _expand_heads(value[..., k0:k1, :], heads)
+            tile = i * len(k_blocks) + (j or 0)
+            d_q, d_k, d_v = _tile_backward(
+                d_out, rows[0], k, v, rows[1], rows[2], mask, scale, softcap, dropout, tile
+            )
+            d_query[..., q0:q1, :] += d_q
+            d_key[..., k0:k1, :] += _sum_groups(d_k.to(compute), kv_heads)
+            d_value[..., k0:k1, :] += _sum_groups(d_v.to(compute), kv_heads)
+
+
 class _TiledAttention(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -291,27 +359,15 @@ class _TiledAttention(torch.autograd.Function):
         softcap: float | None,
         dropout: Dropout | None,
     ) -> tuple[Tensor, Tensor]:
-        heads = query.shape[1]
         compute = torch.float64 if query.dtype == torch.float64 else torch.float32
         q_blocks = _blocks(query.shape[2], tiling.block_q)
-        k_blocks = _blocks(key.shape[2], tiling.block_k)
         out = query.new_zeros(*query.shape[:3], value.shape[-1], dtype=compute)
         lse = query.new_full((*query.shape[:3], 1), -torch.inf, dtype=compute)
-        merge = _use_fused(query, value, softcap, dropout)
         for i, (q0, q1) in enumerate(q_blocks):
-            q = query[..., q0:q1, :]
-            tile_outs: list[Tensor] = []
-            tile_lses: list[Tensor] = []
-            spans = tiling.spans(i, k_blocks, merge)
-            for k0, k1, j in spans:
-                mask = _tile_mask(tiling, i, j, q0, q1, k0, k1, query.device)
-                k = _expand_heads(key[..., k0:k1, :], heads)
-                v = _expand_heads(value[..., k0:k1, :], heads)
-                tile = i * len(k_blocks) + (j or 0)  # dropout never merges: j is set
-                tile_out, tile_lse = _tile_forward(q, k, v, mask, scale, softcap, dropout, tile)
-                tile_outs.append(tile_out)
-                tile_lses.append(tile_lse)
-            if len(spans) == 1 and spans[0][2] is None:  # one unmasked call: nothing to merge
+            tile_outs, tile_lses, whole = row_tiles(
+                query, key, value, tiling, i, scale, softcap, dropout
+            )
+            if whole:  # one unmasked call: nothing to merge
                 out[..., q0:q1, :] = tile_outs[0]
                 lse[..., q0:q1, :] = tile_lses[0]
             elif tile_outs:  # else no key block was visible: the rows stay 0
@@ -344,29 +400,12 @@ class _TiledAttention(torch.autograd.Function):
         d_query = torch.zeros(query.shape, dtype=compute, device=query.device)
         d_key = torch.zeros(key.shape, dtype=compute, device=key.device)
         d_value = torch.zeros(value.shape, dtype=compute, device=value.device)
-        for i, (q0, q1) in enumerate(q_blocks):
-            rows = (query[..., q0:q1, :], output[..., q0:q1, :], lse[..., q0:q1, :])
-            d_out = grad_output[..., q0:q1, :]
-            for k0, k1, j in tiling.spans(i, k_blocks, merge):
-                mask = _tile_mask(tiling, i, j, q0, q1, k0, k1, query.device)
-                k = _expand_heads(key[..., k0:k1, :], heads)
-                v = _expand_heads(value[..., k0:k1, :], heads)
-                tile = i * len(k_blocks) + (j or 0)
-                d_q, d_k, d_v = _tile_backward(
-                    d_out, rows[0], k, v, rows[1], rows[2], mask, scale, softcap, dropout, tile
-                )
-                d_query[..., q0:q1, :] += d_q
-                d_key[..., k0:k1, :] += _sum_groups(d_k.to(compute), kv_heads)
-                d_value[..., k0:k1, :] += _sum_groups(d_v.to(compute), kv_heads)
-        return (
-            d_query.to(query.dtype),
-            d_key.to(key.dtype),
-            d_value.to(value.dtype),
-            None,
-            None,
-            None,
-            None,
-        )
+        accumulate_gradients(
+            grad_output, query, key, value, output, lse, d_query, d_key, d_value,
+            tiling, scale, softcap, dropout,
+        )  # fmt: skip
+        grads = (d_query.to(query.dtype), d_key.to(key.dtype), d_value.to(value.dtype))
+        return (*grads, None, None, None, None)
 
 
 def tiled_attention(
