@@ -24,7 +24,7 @@ from ..positional import SinusoidalPositions
 from ..transformer import Encoder
 from .base import PretrainedMixin, check_input
 
-__all__ = ["SpeechEncoder", "SpeechEncoderConfig"]
+__all__ = ["SpeechEncoder", "SpeechEncoderConfig", "ctc_loss"]
 
 
 @dataclass
@@ -74,6 +74,22 @@ class SpeechEncoderConfig:
 def subsampled_length(lengths: Tensor) -> Tensor:
     """Frames left after two 3×3 stride-2 convolutions without padding."""
     return ((lengths - 3) // 2 + 1 - 3) // 2 + 1
+
+
+def ctc_loss(
+    log_probs: Tensor, out_lengths: Tensor, targets: Tensor, target_lengths: Tensor
+) -> Tensor:
+    """Mean CTC loss per target token of a `SpeechEncoder`'s output (blank is id 0). Apart
+    from the model so that a wrapper's forward (DDP) can produce the log-probabilities."""
+    return F.ctc_loss(
+        log_probs.transpose(0, 1),
+        targets,
+        out_lengths,
+        target_lengths,
+        blank=0,
+        reduction="mean",
+        zero_infinity=True,
+    )
 
 
 class SpeechEncoder(PretrainedMixin, nn.Module):
@@ -140,13 +156,4 @@ class SpeechEncoder(PretrainedMixin, nn.Module):
         self, feats: Tensor, lengths: Tensor, targets: Tensor, target_lengths: Tensor
     ) -> Tensor:
         """Mean CTC loss per target token; ``targets`` are concatenated label ids (no blanks)."""
-        log_probs, out_lengths = self(feats, lengths)
-        return F.ctc_loss(
-            log_probs.transpose(0, 1),
-            targets,
-            out_lengths,
-            target_lengths,
-            blank=0,
-            reduction="mean",
-            zero_infinity=True,
-        )
+        return ctc_loss(*self(feats, lengths), targets, target_lengths)

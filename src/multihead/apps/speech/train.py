@@ -31,10 +31,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from ...models.speech import SpeechEncoder, SpeechEncoderConfig
+from ...models.speech import SpeechEncoder, SpeechEncoderConfig, ctc_loss
 from ...training import TrainConfig, Trainer, WeightAverage, warmup_cosine
 from ...training import distributed as dist
 from .augment import AugmentConfig, spec_augment, speed_perturb
@@ -322,17 +321,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def loss_fn(part: tuple[SpeechBatch, int]) -> tuple[Tensor, dict[str, float]]:
         batch, total = part
-        # SpeechEncoder.ctc_loss, written out: its forward must go through the DDP wrapper.
-        log_probs, out_lengths = net(batch.feats, batch.frames)
-        loss = F.ctc_loss(
-            log_probs.transpose(0, 1),
-            batch.targets,
-            out_lengths,
-            batch.target_lengths,
-            blank=0,
-            reduction="mean",
-            zero_infinity=True,
-        )
+        # The forward goes through the DDP wrapper, so not SpeechEncoder.ctc_loss.
+        loss = ctc_loss(*net(batch.feats, batch.frames), batch.targets, batch.target_lengths)
         loss = loss * dist.mean_share(len(batch.frames), total)  # the global batch's mean
         return loss, {"frames": float(batch.frames.sum())}
 
