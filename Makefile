@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test bench lint format clean train-translate train-image train-speech \
-	train-image-ddp
+	train-image-ddp train-image-splits contender-translate contender-image contender-speech
 
 setup: $(STAMP)
 
@@ -21,19 +21,35 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(PY) -m multihead.cli demo
 
+# The recipes behind the shipped models; the contenders (benchmarks/contenders.py) run the same
+# recipe with the attention built from torch.nn.
+TRANSLATE_RECIPE := --minutes 54 --bf16 --threads 2 --max-tokens 2048 --lr 1e-3 --warmup 400 \
+	--schedule cosine --d-model 256 --heads 4 --encoder-layers 3 --decoder-layers 3 \
+	--ffn 1024 --dropout 0.1 --label-smoothing 0.1 --eval-every 1000 --valid-sentences 500 \
+	--checkpoint-every 500 --average-fraction 0.15 --average-every 50 --beam 5
+IMAGE_RECIPE := --minutes 5
+SPEECH_RECIPE := --minutes 20
+
 # The runs behind the shipped models. OMP_WAIT_POLICY=PASSIVE: idle OpenMP threads sleep
 # instead of spinning, which matters when the two cores are shared.
 train-translate: setup
-	OMP_WAIT_POLICY=PASSIVE $(PY) -m multihead.cli train translate \
-	  --minutes 54 --bf16 --threads 2 --max-tokens 2048 --lr 1e-3 --warmup 400 \
-	  --schedule cosine --d-model 256 --heads 4 --encoder-layers 3 --decoder-layers 3 \
-	  --ffn 1024 --dropout 0.1 --label-smoothing 0.1 --eval-every 1000 \
-	  --valid-sentences 500 --checkpoint-every 500 --average-fraction 0.15 \
-	  --average-every 50 --beam 5 --run-dir runs/translate-en-fr \
-	  --model-dir models/translate-en-fr --overwrite
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m multihead.cli train translate $(TRANSLATE_RECIPE) \
+	  --run-dir runs/translate-en-fr --model-dir models/translate-en-fr --overwrite
 
 train-image: setup
-	OMP_WAIT_POLICY=PASSIVE $(PY) -m multihead.cli train image
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m multihead.cli train image $(IMAGE_RECIPE) --overwrite
+
+# The same recipe on two other train/test splits: each split's results.json and training log
+# go to models/image-digits/splits/seed-N/ (the weights stay in runs/).
+train-image-splits: setup
+	for seed in 1 2; do \
+	  OMP_WAIT_POLICY=PASSIVE $(PY) -m multihead.cli train image $(IMAGE_RECIPE) --overwrite \
+	    --split-seed $$seed --run-dir runs/image-digits-seed-$$seed \
+	    --model-dir runs/image-digits-seed-$$seed/model || exit 1; \
+	  mkdir -p models/image-digits/splits/seed-$$seed; \
+	  cp runs/image-digits-seed-$$seed/model/results.json \
+	    runs/image-digits-seed-$$seed/model/train_log.jsonl models/image-digits/splits/seed-$$seed/; \
+	done
 
 # The image run data-parallel in 2 processes (gloo on CPU; NCCL as well where there are GPUs):
 # each takes half of every batch of 64; rank 0 writes. --standalone picks a free port.
@@ -43,13 +59,23 @@ train-image-ddp: setup
 	  --model-dir runs/image-digits-ddp/model --overwrite
 
 train-speech: setup
-	OMP_WAIT_POLICY=PASSIVE $(PY) -m multihead.cli train speech --minutes 20 --run-dir runs/speech
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m multihead.cli train speech $(SPEECH_RECIPE) --run-dir runs/speech
+
+# Our recipes with torch.nn attention: results in benchmarks/results/contender-TASK/.
+contender-translate: setup
+	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/contenders.py translate $(TRANSLATE_RECIPE)
+
+contender-image: setup
+	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/contenders.py image $(IMAGE_RECIPE)
+
+contender-speech: setup
+	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/contenders.py speech $(SPEECH_RECIPE)
 
 test: setup
 	$(PY) -m pytest
 
 bench: setup
-	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/bench_layer.py
+	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/bench_layer.py --sizes 256 1024 2048
 	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/bench_seq2seq.py
 	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/bench_scale.py
 	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/bench_ring.py

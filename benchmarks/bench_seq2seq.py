@@ -50,7 +50,6 @@ import math
 import platform
 import statistics
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -59,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from bench_common import cpu_model, interleave, load_average, paired_ratio
 from torch import Tensor, nn
+from torch_twins import TorchSeq2Seq, copy_seq2seq_weights
 
 import multihead
 from multihead.apps.translate.data import (
@@ -78,7 +78,6 @@ from multihead.apps.translate.data import (
 from multihead.apps.translate.evaluate import score
 from multihead.cache import KVCache
 from multihead.models import LMConfig, Seq2SeqConfig, Seq2SeqTransformer, TransformerLM
-from multihead.positional import sinusoid_table
 
 THREADS = 2
 SEED = 0
@@ -127,102 +126,11 @@ def source_digest() -> str:
     return digest.hexdigest()[:16]
 
 
-# -- the torch.nn.Transformer twin -------------------------------------------------------------
-
-
-class TorchSeq2Seq(nn.Module):
-    """`Seq2SeqTransformer`'s architecture around `torch.nn.Transformer` (pre-norm).
-
-    Shared embedding tied to the output, embedding·sqrt(d_model) + sinusoidal positions,
-    dropout, then torch's encoder/decoder stacks (each with its final LayerNorm).
-    Masks in torch's polarity: True = masked out.
-    """
-
-    pe: Tensor
-
-    def __init__(self, config: Seq2SeqConfig) -> None:
-        super().__init__()
-        if not (config.share_embeddings and config.norm_first and config.positions == "sinusoidal"):
-            raise ValueError("the twin covers share_embeddings, norm_first, sinusoidal positions")
-        self.config = c = config
-        self.embedding = nn.Embedding(c.vocab_size, c.d_model)
-        self.register_buffer("pe", sinusoid_table(c.max_len, c.d_model), persistent=False)
-        self.dropout = nn.Dropout(c.dropout)
-        with warnings.catch_warnings():  # norm_first disables the nested-tensor path: fine
-            warnings.simplefilter("ignore", UserWarning)
-            self.transformer = nn.Transformer(
-                d_model=c.d_model,
-                nhead=c.num_heads,
-                num_encoder_layers=c.num_encoder_layers,
-                num_decoder_layers=c.num_decoder_layers,
-                dim_feedforward=c.dim_feedforward,
-                dropout=c.dropout,
-                batch_first=True,
-                norm_first=True,
-            )
-
-    def embed(self, ids: Tensor) -> Tensor:
-        x = self.embedding(ids) * math.sqrt(self.config.d_model)
-        return self.dropout(x + self.pe[: ids.shape[1]])
-
-    def encode(self, src: Tensor) -> tuple[Tensor, Tensor]:
-        """(B, S) ids → memory (B, S, d) and the source padding mask (True = pad)."""
-        src_pad = src == self.config.pad_id
-        return self.transformer.encoder(self.embed(src), src_key_padding_mask=src_pad), src_pad
-
-    def decode_hidden(
-        self, tgt: Tensor, memory: Tensor, src_pad: Tensor, tgt_pad: Tensor | None = None
-    ) -> Tensor:
-        length = tgt.shape[1]
-        future = torch.ones(length, length, dtype=torch.bool, device=tgt.device).triu(1)
-        return self.transformer.decoder(
-            self.embed(tgt),
-            memory,
-            tgt_mask=future,
-            tgt_is_causal=True,
-            tgt_key_padding_mask=tgt_pad,
-            memory_key_padding_mask=src_pad,
-        )
-
-    def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
-        """Teacher forcing, as `Seq2SeqTransformer.forward`: logits (B, T, vocab)."""
-        memory, src_pad = self.encode(src)
-        hidden = self.decode_hidden(tgt_in, memory, src_pad, tgt_in == self.config.pad_id)
-        return F.linear(hidden, self.embedding.weight)
-
-
-def torch_name(name: str) -> str:
-    """Our parameter name → the twin's (``decoder.layers.0.cross_attn.in_proj.weight`` →
-    ``transformer.decoder.layers.0.multihead_attn.in_proj_weight``)."""
-    if name == "embedding.weight":
-        return name
-    name = name.replace(".cross_attn.", ".multihead_attn.").replace(".feed_forward.", ".")
-    name = name.replace(".in_proj.weight", ".in_proj_weight").replace(
-        ".in_proj.bias", ".in_proj_bias"
-    )
-    return "transformer." + name
-
-
-@torch.no_grad()
-def copy_weights(ours: Seq2SeqTransformer, theirs: TorchSeq2Seq) -> None:
-    """Load our weights into the twin; every parameter on both sides is matched exactly once."""
-    target = dict(theirs.named_parameters())
-    source = dict(ours.named_parameters())
-    mapped = {torch_name(name): name for name in source}
-    if set(mapped) != set(target):
-        raise ValueError(
-            f"parameter names do not match: ours only {sorted(set(mapped) - set(target))[:4]}, "
-            f"torch only {sorted(set(target) - set(mapped))[:4]}"
-        )
-    for their_name, our_name in mapped.items():
-        target[their_name].copy_(source[our_name])
-
-
 def build_pair(config: Seq2SeqConfig, seed: int) -> tuple[Seq2SeqTransformer, TorchSeq2Seq]:
     torch.manual_seed(seed)
     ours = Seq2SeqTransformer(config)
     theirs = TorchSeq2Seq(config)
-    copy_weights(ours, theirs)
+    copy_seq2seq_weights(ours, theirs)
     return ours, theirs
 
 
@@ -571,7 +479,7 @@ def bench_translation(sentences: int | None) -> dict[str, Any]:
     model, sp, source = load_translation_model()
     model.eval()
     twin = TorchSeq2Seq(copy.deepcopy(model.config)).eval()
-    copy_weights(model, twin)
+    copy_seq2seq_weights(model, twin)
     grouped = references(spread_subset(load_splits().test, sentences))
     english = [e for e, _ in grouped]
     max_len = model.config.max_len

@@ -24,7 +24,7 @@ import argparse
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..models.vit import ViT, ViTConfig
-from ..training import TrainConfig, Trainer, warmup_cosine
+from ..training import TrainConfig, Trainer, publish_run, warmup_cosine
 from ..training import distributed as dist
 
 __all__ = [
@@ -239,7 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(
+    argv: Sequence[str] | None = None, *, build_model: Callable[[ViTConfig], nn.Module] = ViT
+) -> int:
+    """Train and score the ViT and the SVCs. ``build_model`` makes the model from its config
+    (the benchmarks pass a twin whose encoder is ``torch.nn.TransformerEncoder``)."""
     args = build_parser().parse_args(argv)
     dist.setup()
     main_process = dist.is_main()
@@ -261,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     svc_seconds = time.monotonic() - tick
 
     torch.manual_seed(args.seed)
-    model = ViT(config)
+    model = build_model(config)
     net = dist.wrap(model)  # DDP under torchrun: the forward that averages the gradients
 
     def batches(epoch: int) -> list[tuple[Tensor, Tensor, int]]:
@@ -347,6 +351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     if not args.no_save:
         model.save_pretrained(args.model_dir)
+        publish_run(run_dir, args.model_dir, metrics)
     print(
         f"ViT test accuracy {100 * test_acc:.2f}%, {100 * tta_acc:.2f}% with test-time shifts "
         f"({len(split.test_labels)} test images, split seed {split.seed})\n"

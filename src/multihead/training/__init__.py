@@ -12,7 +12,7 @@ from .checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from .log import MetricsLog, plot_curves, read_log
+from .log import MetricsLog, plot_curves, publish_run, read_log
 from .loop import TrainConfig, Trainer, TrainResult, seed_everything
 from .schedule import (
     inverse_sqrt_factor,
@@ -36,6 +36,7 @@ __all__ = [
     "load_checkpoint",
     "plot_curves",
     "previous_checkpoint",
+    "publish_run",
     "read_log",
     "restore_rng",
     "save_checkpoint",

@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from .checkpoint import atomic_write
 
-__all__ = ["MetricsLog", "plot_curves", "read_log"]
+__all__ = ["MetricsLog", "plot_curves", "publish_run", "read_log"]
 
 
 def read_log(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -81,3 +82,18 @@ def plot_curves(log_path: str | os.PathLike[str], png_path: str | os.PathLike[st
     png_path = Path(png_path)
     figure.savefig(png_path, dpi=100)
     return png_path
+
+
+def publish_run(
+    run_dir: str | os.PathLike[str], model_dir: str | os.PathLike[str], results: Mapping[str, Any]
+) -> Path:
+    """Put a run's evidence beside its model: ``results.json`` (the figures), and the run's
+    ``log.jsonl`` and ``curves.png`` as ``train_log.jsonl`` and ``curves.png``, so that every
+    figure said of a model can be checked against files that travel with it."""
+    run_dir, model_dir = Path(run_dir), Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    for source, target in (("log.jsonl", "train_log.jsonl"), ("curves.png", "curves.png")):
+        if (run_dir / source).exists():
+            shutil.copyfile(run_dir / source, model_dir / target)
+    return model_dir / "results.json"

@@ -11,7 +11,8 @@ averaged; the average replaces the final weights if it does no worse on fresh ut
 made from the training recordings (the test sets play no part in the choice). At the end
 the model is saved (safetensors + JSON) to ``RUN/model`` and scored on the test recordings
 and the unseen speaker, greedy and beam; the numbers go to
-``RUN/metrics.json``, the curves to ``RUN/log.jsonl`` and ``RUN/curves.png``.
+``RUN/metrics.json``, the curves to ``RUN/log.jsonl`` and ``RUN/curves.png``; ``RUN/model``
+gets copies of them (``results.json``, ``train_log.jsonl``, ``curves.png``) beside the weights.
 
 Under ``torchrun --nproc-per-node N`` every process makes each whole global batch (so the
 augmentation draws are those of one process) and trains on its utterances of it; rank 0 alone
@@ -25,7 +26,7 @@ import json
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -34,7 +35,7 @@ import torch
 from torch import Tensor
 
 from ...models.speech import SpeechEncoder, SpeechEncoderConfig, ctc_loss
-from ...training import TrainConfig, Trainer, WeightAverage, warmup_cosine
+from ...training import TrainConfig, Trainer, WeightAverage, publish_run, warmup_cosine
 from ...training import distributed as dist
 from .augment import AugmentConfig, spec_augment, speed_perturb
 from .data import (
@@ -262,7 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    build_model: Callable[[SpeechEncoderConfig], SpeechEncoder] = SpeechEncoder,
+) -> int:
+    """Train, choose the weights, save and score. ``build_model`` makes the model from its
+    config (the benchmarks pass a twin whose encoder is ``torch.nn.TransformerEncoder``)."""
     args = build_parser().parse_args(argv)
     dist.setup()
     main_process = dist.is_main()
@@ -327,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return loss, {"frames": float(batch.frames.sum())}
 
     torch.manual_seed(args.seed)
-    model = SpeechEncoder(model_config)
+    model = build_model(model_config)
     net = dist.wrap(model)  # DDP under torchrun: the forward that averages the gradients
     train_config = TrainConfig(
         run_dir=run_dir,
@@ -401,6 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "args": vars(args),
     }
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    publish_run(run_dir, run_dir / "model", metrics)
     summary = {k: v for k, v in metrics.items() if "wer" in k}
     print(json.dumps(summary, indent=2))
     return 0

@@ -14,7 +14,8 @@ valid sentences is scored: loss, and BLEU of greedy translations. Over the last
 training ends with whichever of the final and the averaged weights has the better BLEU on
 that valid subset. The model goes to ``--model-dir`` (safetensors + config.json + the
 spm.model it needs); the test set is then translated with beam search and scored against
-all references of each sentence.
+all references of each sentence; ``results.json``, the training log and the curves go into
+``--model-dir`` beside the weights.
 
 Under ``torchrun --nproc-per-node N`` each process trains on its sentences of every global
 batch (the same batches as one process; the loss stays the mean over the global batch's
@@ -25,11 +26,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -42,6 +42,7 @@ from ...training import (
     Trainer,
     WeightAverage,
     has_checkpoint,
+    publish_run,
     warmup_cosine,
     warmup_inverse_sqrt,
 )
@@ -132,7 +133,13 @@ def _autocast(enabled: bool) -> contextlib.AbstractContextManager[object]:
     return torch.autocast("cpu", dtype=torch.bfloat16)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    build_model: Callable[[Seq2SeqConfig], torch.nn.Module] = Seq2SeqTransformer,
+) -> int:
+    """Train, choose the weights, save and test. ``build_model`` makes the model from its
+    config (the benchmarks pass a ``torch.nn.Transformer`` twin to run the same recipe)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.minutes is None and args.epochs is None and args.max_steps is None:
@@ -164,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     valid = spread_subset(splits.valid, args.valid_sentences)
     valid_batches = token_batches(encode_pairs(valid, sp, config.max_len), 8192, shuffle=False)
     torch.manual_seed(args.seed)
-    model = Seq2SeqTransformer(config)
+    model = build_model(config)
     net = dist.wrap(model)  # DDP under torchrun: the forward that averages the gradients
     say(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {config}")
 
@@ -258,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
 
     model.eval()
-    chosen = "final"
+    chosen, valid_scores = "final", {}
     if average.count >= 2:
         final_state = {k: v.clone() for k, v in model.state_dict().items()}
         final_scores, _ = evaluate_pairs(model, sp, valid)
@@ -266,6 +273,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         average_scores, _ = evaluate_pairs(model, sp, valid)
         print(f"valid, final weights:   {final_scores}")
         print(f"valid, average of {average.count}: {average_scores}")
+        valid_scores = {
+            "valid_sentences": final_scores.sentences,
+            "valid_bleu_final_greedy": final_scores.bleu,
+            "valid_bleu_average_greedy": average_scores.bleu,
+        }
         if average_scores.bleu >= final_scores.bleu:
             chosen = f"average of {average.count}"
         else:
@@ -301,8 +313,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "total_minutes": (time.monotonic() - started) / 60,
         "bleu_signature": test.bleu_signature,
         "chrf_signature": test.chrf_signature,
+        **valid_scores,
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
     }
-    (args.model_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    publish_run(args.run_dir, args.model_dir, results)
     print(f"test (beam {args.beam}): {test}")
     print(f"total time {results['total_minutes']:.1f} min")
     return 0
