@@ -79,6 +79,7 @@ bench: setup
 	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/bench_seq2seq.py
 	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/bench_scale.py
 	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/bench_ring.py
+	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/bench_ddp.py
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
