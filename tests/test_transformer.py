@@ -76,9 +76,21 @@ def test_stacks_match_torch_stacks() -> None:
 
     ours_dec = Decoder(2, D, H, FF, norm_first=False).eval()
     assert ours_dec.norm is None  # post-norm: the last layer already ends with a norm
-    y = torch.randn(B, T, D)
-    out = ours_dec(y, x)
-    assert out.shape == (B, T, D) and torch.isfinite(out).all()
+    theirs_dec = nn.TransformerDecoder(
+        nn.TransformerDecoderLayer(D, H, FF, batch_first=True, norm_first=False), 2
+    ).eval()
+    for i, layer in enumerate(theirs_dec.layers):
+        ours_dec.layers[i].load_state_dict(DecoderLayer.from_torch(layer).state_dict())
+    y, memory_pad = torch.randn(B, T, D), padding([S, 2], S)
+    expected = theirs_dec(
+        y,
+        x,
+        tgt_mask=nn.Transformer.generate_square_subsequent_mask(T),
+        tgt_is_causal=True,
+        memory_key_padding_mask=memory_pad,
+    )
+    got = ours_dec(y, x, memory_mask=ours_from_torch_padding(memory_pad, T))  # causal by default
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_from_torch_rejects_other_modules() -> None:
@@ -86,10 +98,46 @@ def test_from_torch_rejects_other_modules() -> None:
         EncoderLayer.from_torch(nn.Linear(2, 2))  # type: ignore[arg-type]
 
 
-def test_rmsnorm_gqa_qknorm_layer_runs() -> None:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float | None) -> torch.Tensor:
+    """x / sqrt(mean(x²) + eps) · weight over the last dimension (Zhang & Sennrich, 2019);
+    eps None is torch's default, the float32 machine epsilon (the layer runs in float32)."""
+    eps = torch.finfo(torch.float32).eps if eps is None else eps
+    return x / torch.sqrt(x.square().mean(-1, keepdim=True) + eps) * weight
+
+
+def rmsnorm_gqa_qknorm_layer(layer: EncoderLayer, x: torch.Tensor) -> torch.Tensor:
+    """The pre-norm causal block written out in plain torch ops, in float64: RMSNorm, the
+    projections without bias, RMSNorm on each head's queries and keys, each key/value head
+    shared by a group of query heads, causal softmax(q·k/√d)·v, W_o, ReLU feed-forward."""
+    attn, w = layer.self_attn, {k: v.double() for k, v in layer.state_dict().items()}
+    heads, kv_heads, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
+    h = rms_norm(x, w["norm1.weight"], layer.norm1.eps)
+    q, k, v = (h @ w["self_attn.in_proj.weight"].T).split([D, kv_heads * d, kv_heads * d], -1)
+    q = rms_norm(q.unflatten(-1, (heads, d)), w["self_attn.q_norm.weight"], attn.q_norm.eps)
+    k = rms_norm(k.unflatten(-1, (kv_heads, d)), w["self_attn.k_norm.weight"], attn.k_norm.eps)
+    v = v.unflatten(-1, (kv_heads, d))
+    group = heads // kv_heads  # query head i reads key/value head i // group
+    k, v = (t.repeat_interleave(group, dim=2) for t in (k, v))
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d)
+    future = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).triu(1)
+    weights = scores.masked_fill(future, -math.inf).softmax(-1)
+    heads_out = torch.einsum("bhqk,bkhd->bqhd", weights, v).flatten(2)
+    x = x + heads_out @ w["self_attn.out_proj.weight"].T
+    h = rms_norm(x, w["norm2.weight"], layer.norm2.eps)
+    hidden = torch.relu(h @ w["feed_forward.linear1.weight"].T)
+    return x + hidden @ w["feed_forward.linear2.weight"].T
+
+
+def test_rmsnorm_gqa_qknorm_layer_matches_a_hand_computation() -> None:
+    torch.manual_seed(3)
     layer = EncoderLayer(D, H, FF, norm="rmsnorm", num_kv_heads=2, qk_norm=True, bias=False)
-    out = layer(torch.randn(B, S, D), causal=True)
-    assert out.shape == (B, S, D)
+    layer.eval()
+    with torch.no_grad():  # norms away from their all-ones start, so their weights count
+        for norm in (layer.norm1, layer.norm2, layer.self_attn.q_norm, layer.self_attn.k_norm):
+            norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(B, S, D)
+    expected = rmsnorm_gqa_qknorm_layer(layer, x.double())
+    torch.testing.assert_close(layer(x, causal=True).double(), expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="norm must be"):
         EncoderLayer(D, H, FF, norm="batchnorm")  # type: ignore[arg-type]
 
