@@ -17,6 +17,7 @@ from multihead.apps.image import (
     shift_pixels,
 )
 from multihead.models import ViT, ViTConfig
+from multihead.transformer import EncoderLayer
 
 TINY = ViTConfig(d_model=16, num_heads=2, num_layers=1, dim_feedforward=32)
 
@@ -93,15 +94,52 @@ def test_predict_with_test_time_shifts(split) -> None:
 @pytest.mark.parametrize(
     ("patch_size", "patch_kernel", "tokens"), [(2, None, 16), (2, 3, 16), (4, None, 4), (1, 3, 64)]
 )
-def test_vit_shapes(patch_size: int, patch_kernel: int | None, tokens: int) -> None:
+def test_vit_matches_patches_by_hand_and_torch_encoder(
+    patch_size: int, patch_kernel: int | None, tokens: int
+) -> None:
+    """Patch embedding = E · (the kernel×kernel window of the zero-padded image at each
+    patch, flattened) + b, row-major over the grid; then [class] + patches + positions
+    through torch's nn.TransformerEncoder (same weights), and the head on the [class] token."""
     config = ViTConfig(
         patch_size=patch_size, patch_kernel=patch_kernel, d_model=16, num_heads=2, num_layers=1,
         dim_feedforward=32,
     )  # fmt: skip
-    model = ViT(config)
-    images = torch.rand(3, 1, 8, 8)
-    assert model.patches(images).shape == (3, tokens, 16)
-    assert model(images).shape == (3, 10)
+    torch.manual_seed(0)
+    model = ViT(config).eval()
+    torch.nn.init.normal_(model.class_token)  # not the zeros it starts from, so it counts
+    images = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    kernel, pad, grid = config.kernel, (config.kernel - patch_size + 1) // 2, 8 // patch_size
+    padded = F.pad(images.double(), (pad, pad, pad, pad))
+    windows = torch.stack(
+        [
+            padded[:, :, i * patch_size : i * patch_size + kernel,
+                   j * patch_size : j * patch_size + kernel].flatten(1)
+            for i in range(grid)
+            for j in range(grid)
+        ],
+        dim=1,
+    )  # fmt: skip
+    embedding = model.patch_embedding
+    patches = windows @ embedding.weight.double().flatten(1).T + embedding.bias.double()
+    assert patches.shape == (3, tokens, 16)
+    torch.testing.assert_close(model.patches(images).double(), patches, atol=1e-6, rtol=1e-6)
+
+    theirs = torch.nn.TransformerEncoder(
+        torch.nn.TransformerEncoderLayer(
+            16, 2, 32, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+        ),
+        1,
+        norm=torch.nn.LayerNorm(16),
+        enable_nested_tensor=False,
+    ).eval()
+    model.encoder.layers[0].load_state_dict(EncoderLayer.from_torch(theirs.layers[0]).state_dict())
+    model.encoder.norm.load_state_dict(theirs.norm.state_dict())
+    sequence = torch.cat([model.class_token.expand(3, 1, 16), patches.float()], dim=1)
+    sequence = sequence + model.positions.embedding.weight[: tokens + 1]
+    with torch.no_grad():
+        expected = model.head(theirs(sequence)[:, 0])
+        torch.testing.assert_close(model(images), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_vit_rejects_bad_input() -> None:
