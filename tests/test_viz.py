@@ -165,7 +165,8 @@ def test_rollout_keeps_a_fully_masked_row_on_itself_and_checks_input() -> None:
 
 
 def test_image_rollout_is_the_class_token_row_over_the_patch_grid() -> None:
-    layers = [torch.softmax(torch.randn(1, 2, 5, 5), -1) for _ in range(3)]
+    generator = torch.Generator().manual_seed(0)
+    layers = [torch.softmax(torch.randn(1, 2, 5, 5, generator=generator), -1) for _ in range(3)]
     grid = image_rollout(layers, (2, 2))
     assert grid.shape == (1, 2, 2)
     full = rollout(layers)[0, 0, 1:]
@@ -180,7 +181,7 @@ def test_plot_heads_writes_a_png_with_a_panel_per_head_and_the_mean(tmp_path: Pa
     from multihead.viz import plot_heads
 
     tokens = [f"tok{i}" for i in range(12)]  # the README's 8 heads × 40 tokens take ~10 s
-    weights = torch.softmax(torch.randn(8, 12, 12), -1)
+    weights = torch.softmax(torch.randn(8, 12, 12, generator=torch.Generator().manual_seed(0)), -1)
     figure = plot_heads(weights, tokens, tokens, title="8 heads", path=tmp_path / "heads.png")
     panels = [ax for ax in figure.axes if ax.images and ax.get_label() != "<colorbar>"]
     assert len(panels) == 9  # 8 heads + mean, a 3×3 grid with no empty cell
@@ -196,16 +197,30 @@ def test_alignment_and_rollout_overlay_plots(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     from multihead.viz import plot_alignment, plot_rollout_overlay
 
-    figure = plot_alignment(
-        torch.softmax(torch.randn(4, 3, 5), -1),
-        ["a", "b", "c", "d", "</s>"],
-        ["x", "y", "</s>"],
-        path=tmp_path / "align.png",
-    )
-    assert [t.get_text() for t in figure.axes[0].get_xticklabels()] == ["a", "b", "c", "d", "</s>"]
-    plot_rollout_overlay(torch.rand(1, 8, 8), torch.rand(2, 2), path=tmp_path / "overlay.png")
-    assert (tmp_path / "align.png").stat().st_size > 1000
-    assert (tmp_path / "overlay.png").stat().st_size > 1000
+    generator = torch.Generator().manual_seed(0)
+    weights = torch.softmax(torch.randn(4, 3, 5, generator=generator), -1)  # heads, target, source
+    source, target = ["a", "b", "c", "d", "</s>"], ["x", "y", "</s>"]
+    figure = plot_alignment(weights, source, target, path=tmp_path / "align.png")
+    matrix = figure.axes[0]
+    assert [t.get_text() for t in matrix.get_xticklabels()] == source
+    assert [t.get_text() for t in matrix.get_yticklabels()] == target
+    # One matrix: the heads' mean, target rows by source columns.
+    np.testing.assert_allclose(matrix.images[0].get_array(), weights.mean(0).numpy(), 1e-6)
+
+    image = torch.rand(1, 8, 8, generator=generator)
+    heat = torch.rand(2, 2, generator=generator)
+    figure = plot_rollout_overlay(image, heat, path=tmp_path / "overlay.png")
+    shown, rolled, overlay = figure.axes[:3]
+    stretched = ((image[0] - image.min()) / (image.max() - image.min())).numpy()  # to [0, 1]
+    np.testing.assert_allclose(shown.images[0].get_array(), stretched, 1e-6)
+    np.testing.assert_allclose(rolled.images[0].get_array(), heat.numpy(), 1e-6)
+    pixels, over = overlay.images
+    np.testing.assert_allclose(pixels.get_array(), stretched, 1e-6)
+    np.testing.assert_allclose(over.get_array(), heat.numpy(), 1e-6)
+    # The 2×2 map stretched over the 8×8 pixels: each patch over its 4×4 pixels.
+    assert list(over.get_extent()) == list(rolled.images[0].get_extent()) == [-0.5, 7.5, 7.5, -0.5]
+    for name in ("align.png", "overlay.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # -- views and the saved-weights format ----------------------------------------------------------
