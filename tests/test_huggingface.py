@@ -48,8 +48,9 @@ def llama_config(transformers):
 
 def gpt2_config(transformers):
     return transformers.GPT2Config(
-        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, n_inner=64
-    )
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, n_inner=64,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # training mode stays deterministic
+    )  # fmt: skip
 
 
 def bert_config(transformers):
@@ -60,7 +61,29 @@ def bert_config(transformers):
         num_attention_heads=4,
         intermediate_size=64,
         max_position_embeddings=64,
+        hidden_dropout_prob=0.0,  # training mode stays deterministic
+        attention_probs_dropout_prob=0.0,
     )
+
+
+def gemma2_config(transformers, softcap: float | None = 2.0):
+    return transformers.Gemma2Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+        sliding_window=4,  # layer 0 slides over 4 keys, layer 1 sees all
+        attn_logit_softcapping=softcap,  # with large weights, so the cap bends the scores
+        initializer_range=0.5,
+        query_pre_attn_scalar=8,
+    )
+
+
+CAUSAL_LMS = {"llama": llama_config, "gpt2": gpt2_config, "gemma2": gemma2_config}
 
 
 def twin_models(auto_class, config, implementation: str = "multihead", seed: int = 0):
@@ -157,40 +180,65 @@ def test_bert_encoder_with_padding_matches_eager(transformers):
     torch.testing.assert_close(actual.hidden_states[-1], expected.hidden_states[-1], **FP32)
 
 
-def test_gemma2_softcap_and_sliding_window_match_eager(transformers):
-    config = transformers.Gemma2Config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=64,
-        sliding_window=4,  # layer 0 slides over 4 keys, layer 1 sees all
-        attn_logit_softcapping=2.0,  # with large weights, so the cap bends the scores
-        initializer_range=0.5,
-        query_pre_attn_scalar=8,
-    )
-    eager, ours = twin_models(transformers.AutoModelForCausalLM, config)
+def test_gemma2_softcap_and_sliding_window_match_eager(transformers, monkeypatch):
+    """With the cap and without it ours matches eager; the same weights give other logits
+    without it, so the cap reached the kernel and changed the scores."""
     ids, keep = padded_batch("left")
-    with torch.no_grad():
-        expected = eager(ids, attention_mask=keep).logits
-        actual = ours(ids, attention_mask=keep).logits
-    assert_close_where(actual, expected, keep)
+    softcaps = []
+
+    def spy(query, key, value, **kwargs):
+        softcaps.append(kwargs["softcap"])
+        return attention(query, key, value, **kwargs)
+
+    attention = hf_attention.attention
+    monkeypatch.setattr(hf_attention, "attention", spy)
+    logits, weights = {}, {}
+    for softcap in (2.0, None):
+        eager, ours = twin_models(
+            transformers.AutoModelForCausalLM, gemma2_config(transformers, softcap)
+        )
+        with torch.no_grad():
+            expected = eager(ids, attention_mask=keep).logits
+            logits[softcap] = ours(ids, attention_mask=keep).logits
+        assert_close_where(logits[softcap], expected, keep)
+        weights[softcap] = ours.state_dict()
+    assert softcaps == [2.0, 2.0, None, None]  # one call per layer, the cap passed on
+    # Same weights, other logits: the cap took effect (by far more than the tolerance).
+    assert all(torch.equal(weights[2.0][k], w) for k, w in weights[None].items())
+    rows = keep.bool()
+    assert (logits[2.0][rows] - logits[None][rows]).abs().max() > 0.1
 
 
-def test_llama_generate_with_kv_cache_gives_eager_tokens(transformers):
-    eager, ours = twin_models(transformers.AutoModelForCausalLM, llama_config(transformers))
+@pytest.mark.parametrize("name", sorted(CAUSAL_LMS))
+def test_generate_with_kv_cache_gives_eager_tokens(transformers, name):
+    config = CAUSAL_LMS[name](transformers)
+    # Tied embeddings at random init make every step echo its input token, whatever the
+    # attention computes (GPT-2, Gemma 2): untied, the tokens depend on it.
+    config.tie_word_embeddings = False
+    eager, ours = twin_models(transformers.AutoModelForCausalLM, config)
     ids, keep = padded_batch("left", lengths=(6, 4), seq=6)
     settings = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0, "use_cache": True}
     expected = eager.generate(ids, attention_mask=keep, **settings)
     actual = ours.generate(ids, attention_mask=keep, **settings)
+    assert expected.shape == (2, 6 + 5)
+    assert all(len(set(row)) > 1 for row in expected[:, 6:].tolist())  # no token echoed
     assert torch.equal(actual, expected)
 
 
-def test_llama_gradients_match_eager(transformers):
-    eager, ours = twin_models(transformers.AutoModelForCausalLM, llama_config(transformers))
+def assert_same_gradients(eager: torch.nn.Module, ours: torch.nn.Module) -> None:
+    """Every parameter's gradient, by name; each must be there and not all zero."""
+    for (name, expected), actual in zip(eager.named_parameters(), ours.parameters(), strict=True):
+        if expected.grad is None:  # e.g. a pooler the loss does not use
+            assert actual.grad is None, name
+            continue
+        torch.testing.assert_close(actual.grad, expected.grad, **FP32, msg=name)
+    assert any(p.grad is not None and p.grad.abs().max() > 0 for p in ours.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(CAUSAL_LMS))
+def test_causal_lm_gradients_match_eager(transformers, name):
+    config = CAUSAL_LMS[name](transformers)
+    eager, ours = twin_models(transformers.AutoModelForCausalLM, config)
     ids, keep = padded_batch("left")
     # Position t predicts label t+1: keep only labels whose predicting position is kept.
     labels = ids.masked_fill(keep == 0, -100)
@@ -198,8 +246,17 @@ def test_llama_gradients_match_eager(transformers):
     for model in (eager, ours):
         model.train()
         model(ids, attention_mask=keep, labels=labels).loss.backward()
-    for (name, expected), actual in zip(eager.named_parameters(), ours.parameters(), strict=True):
-        torch.testing.assert_close(actual.grad, expected.grad, **FP32, msg=name)
+    assert_same_gradients(eager, ours)
+
+
+def test_bert_gradients_match_eager(transformers):
+    eager, ours = twin_models(transformers.AutoModelForMaskedLM, bert_config(transformers))
+    ids, keep = padded_batch("right")
+    labels = ids.masked_fill(keep == 0, -100)  # predict every kept token
+    for model in (eager, ours):
+        model.train()
+        model(ids, attention_mask=keep, labels=labels).loss.backward()
+    assert_same_gradients(eager, ours)
 
 
 def test_output_attentions_returns_the_weights(transformers):
@@ -265,7 +322,8 @@ def _eager(query, key, value, bias=None, causal=False):
 def test_float_mask_and_position_bias_are_additive():
     query, key, value = _qkv()
     bias = torch.randn(1, 4, 5, 5, generator=torch.Generator().manual_seed(3))
-    float_mask = torch.zeros(2, 1, 5, 5).masked_fill(torch.rand(2, 1, 5, 5) < 0.3, -1e9)
+    hidden = torch.rand(2, 1, 5, 5, generator=torch.Generator().manual_seed(4)) < 0.3
+    float_mask = torch.zeros(2, 1, 5, 5).masked_fill(hidden, -1e9)
     float_mask[..., 0] = 0.0  # every query keeps a key
     layer = _Layer(is_causal=False).eval()
     out, weights = attention_forward(layer, query, key, value, float_mask)
