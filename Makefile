@@ -4,8 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench lint format clean train-translate train-image train-speech \
-	train-image-ddp train-image-splits contender-translate contender-image contender-speech
+.PHONY: setup demo test test-deps bench lint format clean train-translate train-image \
+	train-speech train-image-ddp train-image-splits contender-translate contender-image contender-speech
 
 setup: $(STAMP)
 
@@ -71,7 +71,26 @@ contender-image: setup
 contender-speech: setup
 	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/contenders.py speech $(SPEECH_RECIPE)
 
-test: setup
+# Programs the tests use beyond Python: Chromium (the HTML viewer's test loads the page in a
+# headless browser) and espeak-ng (the synthetic speakers). As root they are installed with
+# apt-get; otherwise a note says what to install, and the tests that need them skip saying so.
+# Only `make test` needs them: `make demo` runs without a browser.
+test-deps:
+	@missing=""; \
+	command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	  command -v google-chrome >/dev/null || missing="chromium"; \
+	command -v espeak-ng >/dev/null || missing="$$missing espeak-ng"; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing for the tests: $$missing (apt-get)"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing \
+	    >/dev/null; } || echo "note: apt-get install $$missing failed; the tests that use it skip"; \
+	else \
+	  echo "note: missing $$missing; the tests that use it skip (install with:" \
+	    "sudo apt-get install $$missing, or run make test as root)"; \
+	fi
+
+test: setup test-deps
 	$(PY) -m pytest
 
 bench: setup
