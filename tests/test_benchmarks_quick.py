@@ -20,7 +20,8 @@ from multihead.models import LMConfig, Seq2SeqConfig, TransformerLM
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_seq2seq.py"
 
-pytest.importorskip("sacrebleu")  # the benchmark imports the translation app
+# the benchmark imports the translation app
+pytest.importorskip("sacrebleu", reason="needs sacrebleu: pip install -e '.[apps]' (make setup)")
 
 
 @pytest.fixture(scope="module")

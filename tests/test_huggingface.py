@@ -19,7 +19,7 @@ from torch import Tensor
 import multihead.integrations.huggingface as hf_attention
 from multihead.integrations.huggingface import attention_forward, register
 
-REASON = "transformers is not installed: pip install multihead[hf]"
+REASON = "needs transformers: pip install -e '.[hf]' (make setup installs it)"
 FP32 = {"atol": 1e-5, "rtol": 1e-5}
 VOCAB = 64
 

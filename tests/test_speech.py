@@ -137,7 +137,10 @@ def test_espeak_missing_gives_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> 
         espeak.synthetic_clips(2)
 
 
-@pytest.mark.skipif(not espeak.available(), reason="espeak-ng is not installed")
+@pytest.mark.skipif(
+    not espeak.available(),
+    reason="needs espeak-ng: apt-get install espeak-ng (make test installs it when run as root)",
+)
 def test_espeak_speaks_a_digit_at_8khz() -> None:
     wave = espeak.speak("seven", "en-us", "m3", 50, 170)
     assert wave.dtype == np.float32 and 0.2 * 8000 < len(wave) < 1.5 * 8000

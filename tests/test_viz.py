@@ -32,6 +32,8 @@ from multihead.viz import (
 
 REPO = Path(__file__).resolve().parents[1]
 SPM_MODEL = REPO / "data" / "translate" / "spm.model"
+NEEDS_MATPLOTLIB = "needs matplotlib: pip install -e '.[dev]' (make setup installs it)"
+NEEDS_APPS = "needs the apps extra: pip install -e '.[apps]' (make setup installs it)"
 
 
 def tiny_seq2seq(vocab_size: int = 40, seed: int = 0, **sizes: int) -> Seq2SeqTransformer:
@@ -177,7 +179,7 @@ def test_image_rollout_is_the_class_token_row_over_the_patch_grid() -> None:
 
 
 def test_plot_heads_writes_a_png_with_a_panel_per_head_and_the_mean(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")
+    pytest.importorskip("matplotlib", reason=NEEDS_MATPLOTLIB)
     from multihead.viz import plot_heads
 
     tokens = [f"tok{i}" for i in range(12)]  # the README's 8 heads × 40 tokens take ~10 s
@@ -194,7 +196,7 @@ def test_plot_heads_writes_a_png_with_a_panel_per_head_and_the_mean(tmp_path: Pa
 
 
 def test_alignment_and_rollout_overlay_plots(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")
+    pytest.importorskip("matplotlib", reason=NEEDS_MATPLOTLIB)
     from multihead.viz import plot_alignment, plot_rollout_overlay
 
     generator = torch.Generator().manual_seed(0)
@@ -277,7 +279,7 @@ def _chromium() -> str:
         path = shutil.which(name)
         if path:
             return path
-    pytest.skip("chromium is not installed (apt-get install chromium; .ci/run installs it)")
+    pytest.skip("needs Chromium: apt-get install chromium (make test installs it when run as root)")
 
 
 def _run_chromium(tmp_path: Path, url: str, *flags: str) -> subprocess.CompletedProcess[str]:
@@ -439,7 +441,7 @@ def test_show_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[
 
 
 def test_show_saved_weights(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    pytest.importorskip("matplotlib")
+    pytest.importorskip("matplotlib", reason=NEEDS_MATPLOTLIB)
     weights = {"layer0": torch.softmax(torch.randn(2, 3, 3), -1)}
     path = save_attention(tmp_path / "mine.safetensors", weights, tokens=["a", "b", "c"])
     assert main(["show", str(path), "--out", str(tmp_path / "out")]) == 0
@@ -451,10 +453,10 @@ def test_show_saved_weights(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
 def test_show_translation_with_a_tiny_random_model(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    pytest.importorskip("matplotlib")
-    pytest.importorskip("sentencepiece")
+    pytest.importorskip("matplotlib", reason=NEEDS_MATPLOTLIB)
+    pytest.importorskip("sentencepiece", reason=NEEDS_APPS)
     if not SPM_MODEL.is_file():
-        pytest.skip(f"{SPM_MODEL} is not built")
+        pytest.skip(f"needs {SPM_MODEL}: python -m multihead.apps.translate.data build-vocab")
     import sentencepiece as spm
 
     vocab = spm.SentencePieceProcessor(model_file=str(SPM_MODEL)).get_piece_size()
@@ -472,8 +474,8 @@ def test_show_translation_with_a_tiny_random_model(
 def test_show_image_with_a_tiny_random_vit(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    pytest.importorskip("matplotlib")
-    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib", reason=NEEDS_MATPLOTLIB)
+    pytest.importorskip("sklearn", reason=NEEDS_APPS)
     from multihead.models.vit import ViT, ViTConfig
 
     torch.manual_seed(0)
