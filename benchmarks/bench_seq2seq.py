@@ -181,8 +181,10 @@ def make_optimizer(model: nn.Module) -> tuple[torch.optim.AdamW, torch.optim.lr_
 
 
 def make_train_step(
-    model: nn.Module, batches: Sequence[Batch], run: TrainRun
+    model: nn.Module, batches: Sequence[Batch], run: TrainRun, bf16: bool = False
 ) -> Callable[[int], float]:
+    """One training step per call; ``bf16`` autocasts the forward as the translation recipe's
+    ``--bf16`` does."""
     optimizer, scheduler = make_optimizer(model)
     model.train()
 
@@ -190,9 +192,10 @@ def make_train_step(
         batch = batches[index]
         optimizer.zero_grad(set_to_none=True)
         start = time.perf_counter()
-        logits = model(batch.src, batch.tgt_in)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(batch.src, batch.tgt_in)
         loss = F.cross_entropy(
-            logits.flatten(0, 1),
+            logits.float().flatten(0, 1),
             batch.tgt_out.flatten(),
             ignore_index=PAD_ID,
             label_smoothing=LABEL_SMOOTHING,
@@ -254,7 +257,7 @@ def float64_check(config: Seq2SeqConfig, batches: Sequence[Batch]) -> dict[str, 
     return {"steps": len(batches), "max_abs_loss_difference": max(gaps), "differences": gaps}
 
 
-def bench_training(steps: int, float64_steps: int) -> dict[str, Any]:
+def bench_training(steps: int, float64_steps: int, bf16: bool = False) -> dict[str, Any]:
     splits = load_splits()
     sp = load_tokenizer()
     base = Seq2SeqConfig(vocab_size=sp.get_piece_size())
@@ -273,8 +276,8 @@ def bench_training(steps: int, float64_steps: int) -> dict[str, Any]:
         logit_difference = max(logit_difference, max_logit_difference(ours, theirs, batches[0]))
         record = {"ours": TrainRun(dropout, "ours"), "torch": TrainRun(dropout, "torch")}
         steps_by_key = {
-            "ours": make_train_step(ours, batches, record["ours"]),
-            "torch": make_train_step(theirs, batches, record["torch"]),
+            "ours": make_train_step(ours, batches, record["ours"], bf16),
+            "torch": make_train_step(theirs, batches, record["torch"], bf16),
         }
         print(f"training, dropout {dropout}: {steps} steps each, interleaved", flush=True)
         round_robin(steps_by_key, steps)
@@ -305,6 +308,7 @@ def bench_training(steps: int, float64_steps: int) -> dict[str, Any]:
                 f"forward + loss + backward + clip + AdamW step; first {TIMING_WARMUP} steps "
                 "untimed; tokens/s = real target tokens / time"
             ),
+            "autocast": "bfloat16 (the recipe's --bf16)" if bf16 else None,
         },
         "parameters": counts,
         "parameters_match": counts["ours"] == counts["torch"],
@@ -315,7 +319,7 @@ def bench_training(steps: int, float64_steps: int) -> dict[str, Any]:
         "target": "tokens/s ours / torch >= 1.0 (dropout 0.1)",
         "target_met": headline["ratio_ours_over_torch"] >= 1.0,
         "loss_curves_dropout0_max_abs_difference": runs["dropout_0"]["max_abs_loss_difference"],
-        "float64_check": float64_check(base, batches[:float64_steps]),
+        "float64_check": float64_check(base, batches[:float64_steps]) if float64_steps else None,
     }
 
 
@@ -606,7 +610,10 @@ def plot(payload: dict[str, Any], path: Path) -> None:
                 label=f"torch, {name}",
             )
         diff = training["loss_curves_dropout0_max_abs_difference"]
-        title = f"training loss, same weights and batches\ndropout 0: max |Δ| {diff:.1e} in fp32"
+        precision = "bf16 autocast" if training["config"].get("autocast") else "fp32"
+        title = (
+            f"training loss, same weights and batches\ndropout 0: max |Δ| {diff:.1e} in {precision}"
+        )
         exact64 = training.get("float64_check")
         if exact64:
             title += (
@@ -733,8 +740,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sentences", type=int, help="test sentences to translate (spread)")
     parser.add_argument("--out", type=Path, help="output stem (default results/seq2seq[_quick])")
     parser.add_argument("--replot", action="store_true", help="redraw the PNG from the JSON")
+    parser.add_argument(
+        "--bf16",
+        action="store_true",
+        help="training under bfloat16 autocast, as the translation recipe (results/seq2seq_bf16)",
+    )
     args = parser.parse_args(argv)
-    stem = args.out or RESULTS / ("seq2seq_quick" if args.quick else "seq2seq")
+    name = "seq2seq" + ("_bf16" if args.bf16 else "") + ("_quick" if args.quick else "")
+    stem = args.out or RESULTS / name
     if args.replot:
         replot(stem)
         return
@@ -751,7 +764,7 @@ def main(argv: list[str] | None = None) -> None:
         "threads": torch.get_num_threads(),
         "cpu": cpu_model(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-        "dtype": "float32",
+        "dtype": "float32, training under bfloat16 autocast" if args.bf16 else "float32",
         "quick": args.quick,
         "load_average_start": load_average(),
         "multihead_source_sha256": source_digest(),
@@ -765,7 +778,8 @@ def main(argv: list[str] | None = None) -> None:
     if "training" in args.parts:
         steps = args.steps or (QUICK_TRAIN_STEPS if args.quick else TRAIN_STEPS)
         float64_steps = min(steps, QUICK_FLOAT64_STEPS if args.quick else FLOAT64_STEPS)
-        payload["training"] = bench_training(steps, float64_steps)
+        # The float64 check asks whether the two models are one function: bf16 does not change it.
+        payload["training"] = bench_training(steps, 0 if args.bf16 else float64_steps, args.bf16)
     if "decoding" in args.parts:
         if args.quick:
             payload["decoding"] = bench_decoding(
