@@ -15,6 +15,7 @@ from torch import Tensor
 
 from . import masks as masks_lib
 from .kernels import KERNELS, Request
+from .kernels.base import bad_queries
 from .masks import Mask
 
 CausalArg = bool | Literal["top-left", "bottom-right"]
@@ -131,23 +132,6 @@ def _check_finite(request: Request) -> None:
                 f"{name} has {int(bad.sum())} values that are {what}, the first at index "
                 f"{first} (check_finite=True)"
             )
-
-
-def _nan_where_query_is_not_finite(query: Tensor, output: Tensor) -> Tensor:
-    """A query row holding NaN/inf gives a NaN output row, in every kernel.
-
-    torch's fused kernels (sdpa, and the tiles of the tiled kernel) treat a row whose scores
-    are all NaN as fully masked and return 0 for it, which would hide the fault. A row's sum
-    is non-finite exactly when the row is (or when it overflows, and then so do its scores):
-    one reduction over the queries. On the CPU the whole sum decides first whether anything
-    needs doing; elsewhere the output gets the (zero or NaN) correction without a host sync.
-    """
-    if query.numel() == 0:
-        return output
-    if output.device.type == "cpu" and math.isfinite(query.detach().sum().item()):
-        return output
-    poison = query.sum(dim=-1, keepdim=True) * 0  # 0, or NaN where the row is not finite
-    return output + poison.to(output.dtype)
 
 
 def _causal_alignment(causal: object) -> str | None:
@@ -316,25 +300,30 @@ def attention(
             the scan costs a pass over the inputs and a host sync.
 
     A query with no visible key gets output 0 and weights 0 (never NaN). Without
-    ``check_finite``, non-finite inputs are not refused, and they show in the output: a
-    NaN/inf in a query row makes that output row NaN in every kernel, and a NaN in a key or
-    value reaches the outputs that see it. One exception: without a mask, torch's fused
-    kernels (sdpa, tiled) return 0 for a query whose every key is NaN, as for a fully masked
-    row. The training loop's non-finite guard stops (or skips) on what follows.
+    ``check_finite``, non-finite inputs are not refused, and they show in the output as in
+    the float64 reference, in every kernel: a NaN/inf in a query row makes that output row
+    NaN; a NaN in a key makes NaN every row that sees it (a boolean or causal mask hides
+    it; a float mask, being added, does not), even when it is the row's only key; a NaN in
+    a value reaches the outputs that see it (in the reference, whose zero weights multiply
+    it too, its whole column). This costs a sum over each query row and, with a mask or
+    autograd, each key row: tensor ops, no host sync. The training loop's non-finite guard
+    stops (or skips) on what follows.
     """
     request = _request(
         query, key, value, mask, causal, scale, dropout_p, softcap, return_weights, check_finite
     )
     chosen = select_kernel(request, kernel)  # validates ``kernel`` even when keys are empty
     if request.k_len == 0:  # nothing to attend to: every row is fully masked
-        output = request.query.new_zeros(*request.query.shape[:3], request.value.shape[-1])
-        weights = request.query.new_zeros(*request.query.shape[:3], 0)
+        query = request.query
+        broken = bad_queries(query).unsqueeze(-1)  # but a NaN/inf query row stays NaN
+        output = query.new_zeros(*query.shape[:3], request.value.shape[-1])
+        output = output.masked_fill(broken, math.nan)
+        weights = query.new_zeros(*query.shape[:3], 0)
     else:
         output, weights = chosen.forward(request)
-    output = _nan_where_query_is_not_finite(request.query, output)
     if return_weights:
         assert weights is not None
-        return output, _nan_where_query_is_not_finite(request.query, weights)
+        return output, weights
     return output
 
 

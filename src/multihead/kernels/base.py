@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -66,3 +67,137 @@ class Request:
         if self.bias.dtype == torch.bool:
             return self.bias & dense
         return self.bias.masked_fill(~dense, -torch.inf)
+
+
+# -- Non-finite input ------------------------------------------------------------------------
+# torch's fused kernels treat a row whose visible scores are all NaN as fully masked and
+# return 0 for it, and they apply a boolean mask as a -inf bias, so NaN + -inf lets a masked
+# NaN key reach every row (and their backward multiplies masked entries by 0: NaN again).
+# The fused kernels therefore run on inputs whose NaN rows are zeroed, where that matters,
+# and make NaN the output rows that the float64 reference makes NaN. All of it is tensor
+# ops on per-row flags (a sum per row, a product of the mask with the key flags): no host
+# read, no branch on values.
+
+
+def _row_sums(x: Tensor) -> Tensor:
+    """Sum over the feature dim, in fp32 for fp16/bf16 (a low-precision row cannot overflow
+    it): one pass, the cheapest reduction."""
+    return x.sum(-1, dtype=torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else None)
+
+
+def _per_query_head(flags: Tensor, num_heads: int) -> Tensor:
+    """(batch, kv_heads, n) → (batch, heads, n): each key/value head's flags for its query
+    group (a view when there is one query head per key/value head)."""
+    batch, kv_heads, n = flags.shape
+    return (
+        flags.unsqueeze(2)
+        .expand(batch, kv_heads, num_heads // kv_heads, n)
+        .reshape(batch, num_heads, n)
+    )
+
+
+def bad_queries(query: Tensor) -> Tensor:
+    """(batch, heads, q_len) bool: query rows holding NaN or inf. Their output rows are NaN
+    in every kernel, whatever the mask (even a row that sees no key)."""
+    return (_row_sums(query) * 0).isnan()  # inf·0 and NaN·0 are NaN
+
+
+def nan_keys(key: Tensor) -> Tensor:
+    """(batch, kv_heads, k_len) bool: key rows holding NaN. Every query that sees such a key
+    gets a NaN output row. (A key holding +inf beside -inf, whose scores are mostly NaN, is
+    flagged too; one holding inf beside NaN keeps its inf: under a boolean mask both may
+    also make NaN a row that cannot see them, where the reference is finite.)"""
+    return _row_sums(key).isnan()
+
+
+def needs_grad(*tensors: Tensor | None) -> bool:
+    """Whether autograd will differentiate through these tensors (a flag, not a value)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+class _ZeroNonFinite(torch.autograd.Function):
+    """NaN entries (and ±inf ones unless kept) set to 0, elementwise: a pass without the
+    broadcast mask of a masked_fill, about twice as fast. The gradient passes through as
+    it comes (no copy): a zeroed entry reaches only output rows that are NaN, so a loss
+    that leaves those out sends it none."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, keep_inf: bool) -> Tensor:
+        infinity = math.inf if keep_inf else 0.0
+        return x.nan_to_num(0.0, infinity, -infinity)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad, None
+
+
+def clean_queries(query: Tensor) -> Tensor:
+    """The query with NaN/inf entries set to 0 (their rows are `bad_queries`, NaN anyway),
+    so that no 0·NaN carries them to other rows through a fused kernel's backward."""
+    return _ZeroNonFinite.apply(query, False)
+
+
+def clean_keys(key: Tensor) -> Tensor:
+    """The key with NaN entries set to 0 (their rows are `nan_keys`): what a fused kernel
+    may see of them. An inf stays, as the reference sees it."""
+    return _ZeroNonFinite.apply(key, True)
+
+
+def nan_rows(x: Tensor, rows: Tensor, in_place: bool) -> Tensor:
+    """``x`` (..., n, features) with the rows flagged in ``rows`` (..., n) made NaN, by adding
+    0 or NaN to each row: a broadcast add, several times cheaper than masked_fill. The
+    gradient passes through unchanged: a loss that leaves the NaN rows out (a mask,
+    nansum) sends them none, and the other rows' gradients stay exact."""
+    poison = torch.where(rows, math.nan, 0.0).to(x.dtype).unsqueeze(-1)
+    return x.add_(poison) if in_place else x + poison
+
+
+def poison_without_mask(query: Tensor, key: Tensor) -> Tensor:
+    """(batch, heads, q_len, 1): 0, or NaN for the rows that a fused kernel run without a
+    mask tensor (none, or top-left causal) turns into 0 but the reference makes NaN.
+
+    A query row holding NaN/inf; or key 0 holding NaN. A row whose visible keys mix NaN
+    and numbers is NaN already: a fused kernel returns 0 only where every visible key is
+    NaN, and then so is key 0, which every row sees. Added to the output (a few ops on
+    small tensors, none over the keys), it keeps a decoding step cheap.
+    """
+    kv_heads = key.shape[1]
+    from_query = _row_sums(query).unsqueeze(-1) * 0  # inf·0 and NaN·0 are NaN
+    first_key = _row_sums(key[..., :1, :]).unsqueeze(-1)  # (B, kv_heads, 1, 1)
+    from_key = torch.where(first_key.isnan(), math.nan, 0.0).unsqueeze(2)
+    return (from_query.unflatten(1, (kv_heads, -1)) + from_key).flatten(1, 2)
+
+
+def rows_seeing(keys: Tensor, mask: Tensor | None, num_heads: int) -> Tensor:
+    """(batch, heads, q_len or 1) bool: the query rows whose visible keys include a flagged one.
+
+    ``keys`` (batch, kv_heads, k_len) flags keys; ``mask`` is None (every key is visible:
+    the result is one row per head), a float bias (batch|1, heads|1, q_len, k_len), added
+    (NaN + bias is NaN: every key counts as seen, as in the reference; a row of the bias
+    holding NaN or +inf is flagged too), or bool of that shape, True = may attend. A bool
+    mask costs one matrix product with the flags (the dims the mask broadcasts over become
+    its columns, so the mask is never expanded).
+    """
+    flags = _per_query_head(keys, num_heads)  # (B, H, K)
+    if mask is None:
+        return flags.any(-1, keepdim=True)
+    mask = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))  # a 2-D mask is (Q, K)
+    if mask.dtype != torch.bool:
+        bias_sums = _row_sums(mask)  # NaN or +inf exactly where a row holds NaN or +inf
+        return flags.any(-1, keepdim=True) | bias_sums.isnan() | (bias_sums == torch.inf)
+    batch, heads, k_len = flags.shape
+    mb, mh, q_len = mask.shape[0], mask.shape[1], mask.shape[2]
+    cols = flags.to(torch.float32).view(mb, batch // mb, mh, heads // mh, k_len)
+    cols = cols.permute(0, 2, 4, 1, 3).reshape(mb, mh, k_len, -1)  # (mb, mh, K, columns)
+    seen = mask.to(torch.float32) @ cols  # (mb, mh, Q, columns): flagged keys each row sees
+    seen = seen.view(mb, mh, q_len, batch // mb, heads // mh).permute(0, 3, 1, 4, 2)
+    return seen.reshape(batch, heads, q_len) > 0
+
+
+def causal_rows_seeing(keys: Tensor, q_len: int, num_heads: int) -> Tensor:
+    """`rows_seeing` under the top-left causal mask (query i sees keys 0..i), from a
+    running count over the keys: no mask is built."""
+    flags = _per_query_head(keys, num_heads)
+    seen_up_to = flags.cumsum(-1) > 0  # (B, H, K): a flagged key at or before k
+    last = torch.arange(q_len, device=keys.device).clamp(max=keys.shape[-1] - 1)
+    return seen_up_to[..., last]

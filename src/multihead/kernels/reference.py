@@ -7,11 +7,13 @@ tested against. Half-precision inputs are computed in float32.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Request
+from .base import Request, bad_queries
 
 NAME = "reference"
 
@@ -90,6 +92,12 @@ def forward(request: Request) -> tuple[Tensor, Tensor | None]:
     # 4. Weighted sum of the values.
     output = (attended @ v).flatten(1, 2).to(query.dtype)  # (B, H, Q, Dv)
     weights_out = weights.flatten(1, 2) if request.return_weights else None
+
+    # A query row holding NaN/inf gives a NaN row even where the mask hides every key.
+    broken = bad_queries(query).unsqueeze(-1)
+    output = output.masked_fill(broken, math.nan)
+    if weights_out is not None:
+        weights_out = weights_out.masked_fill(broken, math.nan)
     return output, weights_out
 
 

@@ -5,7 +5,18 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Request
+from .base import (
+    Request,
+    bad_queries,
+    causal_rows_seeing,
+    clean_keys,
+    clean_queries,
+    nan_keys,
+    nan_rows,
+    needs_grad,
+    poison_without_mask,
+    rows_seeing,
+)
 
 NAME = "sdpa"
 
@@ -20,12 +31,35 @@ def unsupported(request: Request) -> str | None:
 
 
 def forward(request: Request) -> tuple[Tensor, None]:
+    """SDPA's output, with NaN rows where the float64 reference has them (see base.py):
+    a query row holding NaN/inf, or one whose visible keys include a NaN key."""
+    query, key, mask, heads = request.query, request.key, request.mask, request.num_heads
+    grad = needs_grad(query, key, request.value, mask)
+    if mask is None and request.dropout_p == 0.0 and not grad:  # inference, no mask tensor
+        output = _attend(request, query, key)
+        return output.add_(poison_without_mask(query, key)), None
+    broken_queries, broken_keys = bad_queries(query), nan_keys(key)
+    if request.is_causal:
+        broken = broken_queries | causal_rows_seeing(broken_keys, request.q_len, heads)
+    else:
+        broken = broken_queries | rows_seeing(broken_keys, mask, heads)
+    # SDPA adds a mask (and, under dropout, the causal one) as -inf, and NaN + -inf is NaN;
+    # its backward multiplies the entries it leaves out by 0: either would carry a NaN key
+    # to other rows, and the backward a NaN query too.
+    key = clean_keys(key)
+    if grad:
+        query = clean_queries(query)
+    output = _attend(request, query, key)
+    return nan_rows(output, broken, in_place=not grad), None  # the backward reads output
+
+
+def _attend(request: Request, query: Tensor, key: Tensor) -> Tensor:
     mask = request.mask
     if mask is not None and mask.dtype.is_floating_point:
-        mask = mask.to(request.query.dtype)  # SDPA wants the bias in the query's dtype
-    output = F.scaled_dot_product_attention(
-        request.query,
-        request.key,
+        mask = mask.to(query.dtype)  # SDPA wants the bias in the query's dtype
+    return F.scaled_dot_product_attention(
+        query,
+        key,
         request.value,
         attn_mask=mask,
         dropout_p=request.dropout_p,
@@ -33,7 +67,6 @@ def forward(request: Request) -> tuple[Tensor, None]:
         scale=request.scale,
         enable_gqa=request.num_kv_heads != request.num_heads,
     )
-    return output, None
 
 
 def explain(request: Request) -> str:

@@ -21,7 +21,16 @@ import torch
 from torch import Tensor
 
 from ..masks import EMPTY, FULL, Mask
-from .base import Request
+from .base import (
+    Request,
+    bad_queries,
+    clean_keys,
+    clean_queries,
+    nan_keys,
+    nan_rows,
+    needs_grad,
+    rows_seeing,
+)
 
 NAME = "tiled"
 BLOCK_Q = 256
@@ -358,6 +367,7 @@ class _TiledAttention(torch.autograd.Function):
         scale: float,
         softcap: float | None,
         dropout: Dropout | None,
+        broken: Tensor,
     ) -> tuple[Tensor, Tensor]:
         compute = torch.float64 if query.dtype == torch.float64 else torch.float32
         q_blocks = _blocks(query.shape[2], tiling.block_q)
@@ -372,10 +382,13 @@ class _TiledAttention(torch.autograd.Function):
                 lse[..., q0:q1, :] = tile_lses[0]
             elif tile_outs:  # else no key block was visible: the rows stay 0
                 _merge(tile_outs, tile_lses, out[..., q0:q1, :], lse[..., q0:q1, :])
+        # A NaN row passes no gradient: the backward sees it as a row that saw no key.
+        lse.masked_fill_(broken.unsqueeze(-1), -torch.inf)
         output = out.to(query.dtype)
         ctx.save_for_backward(query, key, value, output, lse)
         ctx.tiling, ctx.scale, ctx.softcap, ctx.dropout = tiling, scale, softcap, dropout
-        return output, lse.squeeze(-1)
+        in_place = not any(ctx.needs_input_grad[:3])  # else the backward reads the output
+        return nan_rows(output, broken, in_place), nan_rows(lse, broken, False).squeeze(-1)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor, grad_lse: Tensor):
@@ -396,7 +409,7 @@ class _TiledAttention(torch.autograd.Function):
             )  # fmt: skip
             d_k, d_v = _sum_groups(d_k, kv_heads), _sum_groups(d_v, kv_heads)
             grads = (d_q.to(query.dtype), d_k.to(key.dtype), d_v.to(value.dtype))
-            return (*grads, None, None, None, None)
+            return (*grads, None, None, None, None, None)
         d_query = torch.zeros(query.shape, dtype=compute, device=query.device)
         d_key = torch.zeros(key.shape, dtype=compute, device=key.device)
         d_value = torch.zeros(value.shape, dtype=compute, device=value.device)
@@ -405,7 +418,7 @@ class _TiledAttention(torch.autograd.Function):
             tiling, scale, softcap, dropout,
         )  # fmt: skip
         grads = (d_query.to(query.dtype), d_key.to(key.dtype), d_value.to(value.dtype))
-        return (*grads, None, None, None, None)
+        return (*grads, None, None, None, None, None)
 
 
 def tiled_attention(
@@ -427,7 +440,9 @@ def tiled_attention(
     or additive float bias broadcastable to (batch, heads, q_len, k_len). Dropout draws its
     seed from torch's global generator, so ``torch.manual_seed`` makes it reproducible.
     The log-sum-exp is not differentiable. Inputs are assumed validated (see
-    `multihead.attention`).
+    `multihead.attention`). Non-finite input gives NaN where the float64 reference has it
+    (see kernels/base.py): the rows of a NaN/inf query, and the rows that see a NaN key
+    (output and log-sum-exp).
     """
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
     block_q, block_k = block_q or BLOCK_Q, block_k or BLOCK_K
@@ -438,7 +453,32 @@ def tiled_attention(
         # Nothing to skip: the fused kernel, itself tiled, takes every query in one call.
         block_q = max(query.shape[2], 1)
     tiling = Tiling.build(query.shape[2], key.shape[2], mask, bias, block_q, block_k)
-    return _TiledAttention.apply(query, key, value, tiling, scale, softcap, dropout)
+    broken_queries, broken_keys = bad_queries(query), nan_keys(key)
+    grad = needs_grad(query, key, value, bias)
+    hides = (mask is not None or bias is not None) and (bias is None or bias.dtype == torch.bool)
+    if hides:  # a boolean mask hides keys: the tiles it leaves say which rows see a NaN key
+        broken = broken_queries | _rows_seeing_tiles(tiling, broken_keys, query.shape)
+    else:  # every key is seen (a float bias is added: NaN + bias is NaN, as in the
+        # reference, even where a structured mask adds -inf to it)
+        broken = broken_queries | rows_seeing(broken_keys, bias, query.shape[1])
+    if hides or grad:  # a fused tile adds its mask as -inf, and NaN + -inf is NaN
+        key = clean_keys(key)
+    if grad:  # the backward multiplies the rows a tile leaves out by 0
+        query = clean_queries(query)
+    return _TiledAttention.apply(query, key, value, tiling, scale, softcap, dropout, broken)
+
+
+def _rows_seeing_tiles(tiling: Tiling, broken_keys: Tensor, shape: torch.Size) -> Tensor:
+    """(batch, heads, q_len) bool: the rows whose visible keys include a flagged one, tile
+    by tile: an empty tile is skipped, a full run needs no mask, a cut tile its own."""
+    batch, heads, q_len = shape[0], shape[1], shape[2]
+    k_blocks = _blocks(broken_keys.shape[-1], tiling.block_k)
+    seen = torch.zeros(batch, heads, q_len, dtype=torch.bool, device=broken_keys.device)
+    for i, (q0, q1) in enumerate(_blocks(q_len, tiling.block_q)):
+        for k0, k1, j in tiling.spans(i, k_blocks, merge=True):
+            mask = _tile_mask(tiling, i, j, q0, q1, k0, k1, broken_keys.device)
+            seen[..., q0:q1] |= rows_seeing(broken_keys[..., k0:k1], mask, heads)
+    return seen
 
 
 def _positions(name: str, index: object, size: int, device: torch.device) -> Tensor:
