@@ -16,6 +16,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import Tensor
 
 from multihead import (
     CrossAttentionCache,
@@ -158,9 +159,10 @@ def test_check_finite_names_the_argument(shape, which, bad, data):
 def test_non_finite_input_is_never_hidden(shape, kernel, which, bad, data):
     """Without a mask, every kernel gives NaN exactly where the float64 reference does: a bad
     query row poisons its output row, a bad key every row, a bad value its column. (torch's
-    fused kernels alone would turn an all-NaN score row into zeros.) With a single key, a bad
-    key is the exception: see the next test."""
-    if which == "key" and shape[3] == 1:
+    fused kernels alone would turn an all-NaN score row into zeros.) An inf key is drawn
+    beside a finite one: a query's only key at score -inf looks like a masked one to the
+    fused kernels (0) but not to the reference (NaN)."""
+    if which == "key" and bad == math.inf and shape[3] == 1:
         shape = (*shape[:3], 2, shape[4])
     q, k, v = qkv(shape)
     call = {"query": q, "key": k, "value": v}
@@ -180,18 +182,120 @@ def test_non_finite_input_is_never_hidden(shape, kernel, which, bad, data):
 
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_a_single_nan_key(kernel):
-    """Documented limit: when a query's only key is non-finite (and no mask is given), torch's
-    fused kernels (sdpa, and the tiles of the tiled kernel) see an all-NaN score row and
-    return 0 for it, as for a fully masked row; the reference kernel gives NaN. Catching it
-    would cost a pass over the keys on every call (as much as a decoding step's attention),
-    so it is left to ``check_finite=True``, which refuses it, and to the training loop's
-    non-finite guard."""
+    """A query whose only key is NaN gets NaN, never the 0 of a fully masked row (torch's
+    fused kernels alone return 0 for an all-NaN score row); check_finite refuses it."""
     q, k, v = qkv((1, (1, 1), 2, 1, 2))
     k[0, 0, 0, 0] = math.nan
     out = attention(q, k, v, kernel=kernel)
-    expected = math.nan if kernel == "reference" else 0.0
-    torch.testing.assert_close(out, torch.full_like(out, expected), equal_nan=True)
+    assert out.isnan().all()
     raises_naming(lambda: attention(q, k, v, check_finite=True), "key", "NaN")
+
+
+MASK_KINDS = ["none", "causal", "bottom-right", "window", "bool", "float"]
+
+
+def _masked_call(how: str, shape, seed: int) -> tuple[dict, Tensor]:
+    """Keyword arguments of a masked call and, derived by hand, which keys each query sees
+    (batch|1, heads|1, q_len, k_len): a float mask is added, so NaN + bias stays NaN and
+    every key counts as seen; a bool/causal/structured mask hides what it masks out."""
+    batch, (heads, _), q_len, k_len, _ = shape
+    i = torch.arange(q_len).view(-1, 1)
+    j = torch.arange(k_len).view(1, -1)
+    g = torch.Generator().manual_seed(seed)
+    # A random mask per batch element or head (rows may be fully masked).
+    drawn = torch.rand(batch, heads, q_len, k_len, generator=g) < 0.6
+    drawn = drawn[:, :1] if seed % 2 else drawn[:1]
+    everything = torch.ones(1, 1, q_len, k_len, dtype=torch.bool)
+    if how == "none":
+        return {}, everything
+    if how == "causal":
+        return {"causal": True}, (j <= i).view(1, 1, q_len, k_len)
+    if how == "bottom-right":
+        return {"causal": "bottom-right"}, (j <= i + k_len - q_len).view(1, 1, q_len, k_len)
+    if how == "window":
+        seen = (j <= i) & (j > i - 2)
+        return {"mask": masks.sliding_window(q_len, k_len, window=2)}, seen.view(1, 1, *seen.shape)
+    if how == "bool":
+        return {"mask": drawn}, drawn
+    bias = torch.zeros(drawn.shape).masked_fill(~drawn, -math.inf)
+    return {"mask": bias}, everything
+
+
+@settings(max_examples=60)
+@given(
+    shape=shapes,
+    kernel=st.sampled_from(["sdpa", "tiled"]),
+    which=st.sampled_from(["query", "key", "value"]),
+    how=st.sampled_from(MASK_KINDS),
+    seed=st.integers(0, 2**16),
+    data=st.data(),
+)
+def test_nan_under_a_mask_shows_where_the_reference_has_it(shape, kernel, which, how, seed, data):
+    """A NaN query row makes its output row NaN; a NaN key makes NaN exactly the rows that
+    see it (a masked-out NaN key changes nothing, a visible one is never a clean 0), as the
+    float64 reference gives them, and as derived here from the mask. A NaN value reaches at
+    least the rows that see it, and at most the reference's rows (whose zero weights times
+    NaN make its whole column NaN)."""
+    q, k, v = qkv(shape, seed=seed)
+    kwargs, seen = _masked_call(how, shape, seed)
+    call = {"query": q, "key": k, "value": v}
+    tensor = call[which].clone()
+    index = tuple(data.draw(st.integers(0, n - 1)) for n in tensor.shape)
+    tensor[index] = math.nan
+    call[which] = tensor
+    out = attention(**call, **kwargs, kernel=kernel)
+    double = {n: t.double() for n, t in call.items()}
+    if isinstance(kwargs.get("mask"), Tensor) and kwargs["mask"].dtype.is_floating_point:
+        kwargs = {"mask": kwargs["mask"].double()}
+    reference = attention(**double, **kwargs, kernel="reference")
+
+    batch, (heads, kv_heads), q_len, _, dim = shape
+    b, h, position, feature = index
+    expected = torch.zeros(batch, heads, q_len, dim, dtype=torch.bool)
+    group = slice(h * (heads // kv_heads), (h + 1) * (heads // kv_heads))  # query heads of h
+    if which == "query":
+        expected[b, h, position] = True
+    elif which == "key":
+        rows = seen.expand(batch, heads, -1, -1)[b, group, :, position]
+        expected[b, group] = rows.unsqueeze(-1).expand(-1, -1, dim)
+    else:
+        expected[b, group, :, feature] = seen.expand(batch, heads, -1, -1)[b, group, :, position]
+    if which == "value":
+        assert torch.equal(out.isnan() & expected, expected)
+        assert torch.equal(out.isnan() & reference.isnan(), out.isnan())
+    else:
+        assert torch.equal(reference.isnan(), expected)
+        assert torch.equal(out.isnan(), expected)
+    finite = out.isfinite() & reference.isfinite()  # a value's NaN may stop short of a row
+    torch.testing.assert_close(out[finite].double(), reference[finite], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("how", MASK_KINDS)
+@pytest.mark.parametrize("kernel", ["sdpa", "tiled"])
+def test_nan_rows_leave_the_other_gradients_as_without_them(kernel, how):
+    """With a NaN query row and a NaN key, the loss over the rows that stay finite has the
+    gradients of the float64 reference on the same inputs with the NaN rows set to 0 (those
+    rows of the loss see neither): finite, and nothing flows into the NaN rows."""
+    shape = (2, (4, 2), 5, 6, 3)
+    q, k, v = qkv(shape, seed=1)
+    kwargs, _ = _masked_call(how, shape, seed=3)
+    q[1, 2, 3, 0] = math.nan
+    k[0, 1, 2, 1] = math.nan
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = attention(*inputs, **kwargs, kernel=kernel)
+    fine = out.isfinite().all(-1, keepdim=True)
+    assert not fine.all()
+    grads = torch.autograd.grad(out.masked_fill(~fine, 0).square().sum(), inputs)
+
+    zeroed = [t.nan_to_num(0.0).double().requires_grad_() for t in (q, k, v)]
+    if isinstance(kwargs.get("mask"), Tensor) and kwargs["mask"].dtype.is_floating_point:
+        kwargs = {"mask": kwargs["mask"].double()}
+    expected_out = attention(*zeroed, **kwargs, kernel="reference")
+    expected = torch.autograd.grad(expected_out.masked_fill(~fine, 0).square().sum(), zeroed)
+    for grad, want in zip(grads, expected, strict=True):
+        assert grad.isfinite().all()
+        torch.testing.assert_close(grad.double(), want, atol=1e-5, rtol=1e-5)
+    assert (grads[0][1, 2, 3] == 0).all() and (grads[1][0, 1, 2] == 0).all()
 
 
 def test_check_finite_must_be_a_bool():
