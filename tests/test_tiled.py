@@ -91,12 +91,6 @@ def test_empty_tiles_are_skipped(monkeypatch, mask, expected_tiles, fused_calls,
     assert_close_to(out, reference64(to64(q), to64(k), to64(v), mask=mask), dtype)
 
 
-@pytest.mark.xfail(
-    reason="the backward's one-call shortcut (every query and key in one tile) runs without "
-    "the tensor mask that the forward applied (kernels/tiled.py, _TiledAttention.backward)",
-    raises=AssertionError,
-    strict=True,
-)
 @pytest.mark.parametrize("kind", ["bool", "float"])
 def test_one_tile_with_a_tensor_mask_matches_float64_reference(monkeypatch, kind, gen):
     """At the default tile size (256) the tiny inputs of the suite fit in one tile: the

@@ -401,11 +401,13 @@ class _TiledAttention(torch.autograd.Function):
         compute = lse.dtype
         merge = _use_fused(query, value, softcap, dropout)
         if len(q_blocks) == 1 and tiling.spans(0, k_blocks, merge) == [(0, key.shape[2], None)]:
-            # One unmasked fused call did the forward: its backward gives the gradients
-            # directly, with no accumulators beside them.
+            # One fused call did the forward (under the dense bias, if one was given): its
+            # backward gives the gradients directly, with no accumulators beside them.
+            q_len, k_len = query.shape[2], key.shape[2]
+            bias = _tile_mask(tiling, 0, None, 0, q_len, 0, k_len, query.device)
             d_q, d_k, d_v = _tile_backward(
                 grad_output, query, _expand_heads(key, heads), _expand_heads(value, heads),
-                output, lse, None, scale, softcap, dropout,
+                output, lse, bias, scale, softcap, dropout,
             )  # fmt: skip
             d_k, d_v = _sum_groups(d_k, kv_heads), _sum_groups(d_v, kv_heads)
             grads = (d_q.to(query.dtype), d_k.to(key.dtype), d_v.to(value.dtype))
