@@ -201,21 +201,20 @@ class TorchEncoder(nn.Module):
         return self.stack(x, src_key_padding_mask=pad)
 
 
-def torch_vit(config: ViTConfig) -> ViT:
-    """`ViT(config)` (same initial weights) whose encoder is `torch.nn.TransformerEncoder`."""
-    model = ViT(config)
-    c = config
+def _with_torch_encoder(model: ViT | SpeechEncoder) -> ViT | SpeechEncoder:
+    """``model`` with its encoder stack replaced by torch's, carrying the same weights."""
+    c = model.config
     model.encoder = TorchEncoder(  # type: ignore[assignment]
         model.encoder, c.num_heads, c.dim_feedforward, c.dropout, c.activation
     )
     return model
+
+
+def torch_vit(config: ViTConfig) -> ViT:
+    """`ViT(config)` (same initial weights) whose encoder is `torch.nn.TransformerEncoder`."""
+    return _with_torch_encoder(ViT(config))  # type: ignore[return-value]
 
 
 def torch_speech_encoder(config: SpeechEncoderConfig) -> SpeechEncoder:
     """`SpeechEncoder(config)` (same initial weights) whose encoder is torch's."""
-    model = SpeechEncoder(config)
-    c = config
-    model.encoder = TorchEncoder(  # type: ignore[assignment]
-        model.encoder, c.num_heads, c.dim_feedforward, c.dropout, c.activation
-    )
-    return model
+    return _with_torch_encoder(SpeechEncoder(config))  # type: ignore[return-value]
