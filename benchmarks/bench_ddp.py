@@ -35,7 +35,6 @@ from bench_common import cpu_model, load_average
 from multihead.training import read_log
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--d-model", "16", "--heads", "2", "--layers", "1", "--ff", "32", "--warmup", "10"]
 
 
@@ -98,12 +97,11 @@ def main(argv: list[str] | None = None) -> None:
         out = Path(tmp)
         sizes = ("tiny",) if args.quick else ("tiny", "default")
         agreements = [agreement(out, size, 50 if args.quick else 100) for size in sizes]
-        throughput_extra = TINY if args.quick else []
-        speed = [
+        extra = TINY if args.quick else []  # n processes of 2 // n threads each
+        one, two = (
             updates_per_second(train(out, f"speed-{n}", n, 2 // n, steps, *extra, evals=1))
-            for n, extra in ((1, throughput_extra), (2, throughput_extra))
-        ]
-        one, two = speed
+            for n in (1, 2)
+        )
     payload = {
         "meta": {
             "benchmark": "ddp",
