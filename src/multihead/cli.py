@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .viz.cli import add_show_command
+from .apps.show import add_show_command
 
 TASKS = {
     "translate": "multihead.apps.translate.train",

@@ -1,5 +1,8 @@
 """``multihead show``: write the attention viewer (HTML) and PNGs for a model or saved weights.
 
+The command lives beside the applications because it loads their models and data; `viz`
+below it only draws, captures and writes what it is given.
+
     multihead show translation "The cat sleeps."   the shipped English → French model
     multihead show image 7                         the digits ViT on test image 7
     multihead show weights.safetensors             weights you saved (format: viz/views.py)
@@ -17,13 +20,20 @@ from typing import Any
 
 import torch
 
-from .capture import capture_attention
-from .heatmaps import plot_alignment, plot_heads, plot_rollout_overlay
-from .html import write_html
-from .rollout import image_rollout
-from .views import AttentionView, load_attention, views_from_capture
+from ..models import Seq2SeqTransformer, ViT
+from ..viz import (
+    AttentionView,
+    capture_attention,
+    image_rollout,
+    load_attention,
+    plot_alignment,
+    plot_heads,
+    plot_rollout_overlay,
+    views_from_capture,
+    write_html,
+)
 
-__all__ = ["add_show_command", "run_show"]
+__all__ = ["add_show_command", "run_show", "show_image", "show_translation", "show_weights"]
 
 TRANSLATION_MODEL = Path("models/translate-en-fr")
 IMAGE_MODEL = Path("models/image-digits")
@@ -108,9 +118,7 @@ def show_weights(path: Path, out: Path) -> list[Path]:
 # -- translation ---------------------------------------------------------------------------------
 
 
-def _load_translation(args: argparse.Namespace):
-    from ..models import Seq2SeqTransformer
-
+def _load_translation(args: argparse.Namespace) -> tuple[Seq2SeqTransformer, Any]:
     directory = args.model or TRANSLATION_MODEL
     if not (directory / "config.json").is_file():
         raise _missing_model(
@@ -118,7 +126,7 @@ def _load_translation(args: argparse.Namespace):
         )
     tokenizer = args.tokenizer or directory / "spm.model"
     try:
-        from ..apps.translate.data import SPM_MODEL, load_tokenizer
+        from .translate.data import SPM_MODEL, load_tokenizer
     except ImportError as error:
         raise ValueError(
             f"the translation app needs {error.name}: pip install -e '.[apps]'"
@@ -187,8 +195,7 @@ def show_image(index: int, args: argparse.Namespace) -> list[Path]:
     if not (directory / "config.json").is_file():
         raise _missing_model(directory, "image model", "train it: python -m multihead.apps.image")
     try:
-        from ..apps.image import load_split
-        from ..models.vit import ViT
+        from .image import load_split
     except ImportError as error:
         raise ValueError(f"the image app needs {error.name}: pip install -e '.[apps]'") from None
     _say(f"loading the image model from {directory}/ and the digits test split")
