@@ -5,23 +5,48 @@ with dropout and a norm. ``norm_first=False`` is the paper's post-norm,
 ``x = norm(x + sublayer(x))``; ``norm_first=True`` (default) is pre-norm,
 ``x = x + sublayer(norm(x))``, which trains deep stacks without warm-up tricks and needs a
 final norm after the stack. Inputs are (batch, seq, d_model); masks are True = may attend.
+
+One `AttentionConfig` (``attention=``) reaches every `MultiHeadAttention` of a layer or a
+stack: positions (RoPE, ALiBi, T5's bias), soft-capping, QK-norm, GQA, projection bias and a
+causal sliding window. A decoder-only model (GPT, Llama) is a `DecoderOnly` stack of
+`DecoderOnlyLayer`s: causal self-attention and feed-forward, no cross-attention.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .cache import CrossAttentionCache, KVCache
+from .attention_config import (
+    AttentionConfig,
+    CausalArg,
+    SelfCache,
+    new_self_cache,
+    resolve,
+    window_mask,
+)
+from .cache import CrossAttentionCache
 from .masks import Mask
 from .multi_head_attention import MultiHeadAttention
 
-Activation = Literal["relu", "gelu"]
+Activation = Literal["relu", "gelu", "swiglu", "geglu"]
 NormKind = Literal["layernorm", "rmsnorm"]
 
-__all__ = ["Decoder", "DecoderLayer", "Encoder", "EncoderLayer", "FeedForward"]
+__all__ = [
+    "AttentionConfig",
+    "Decoder",
+    "DecoderLayer",
+    "DecoderOnly",
+    "DecoderOnlyLayer",
+    "Encoder",
+    "EncoderLayer",
+    "FeedForward",
+]
+
+ACTIVATIONS = ("relu", "gelu", "swiglu", "geglu")
 
 
 def make_norm(kind: str, d_model: int, eps: float, bias: bool = True) -> nn.Module:
@@ -34,7 +59,12 @@ def make_norm(kind: str, d_model: int, eps: float, bias: bool = True) -> nn.Modu
 
 
 class FeedForward(nn.Module):
-    """Position-wise feed-forward network: FFN(x) = act(x W1 + b1) W2 + b2 (§3.3)."""
+    """Position-wise feed-forward network: FFN(x) = act(x W1 + b1) W2 + b2 (§3.3).
+
+    "swiglu" and "geglu" are the gated variants (Shazeer, 2020): FFN(x) = (act(x W) ⊗ x V) W2
+    with act = Swish (SiLU) or GELU, as in LLaMA and PaLM. ``linear1`` holds [W; V] stacked,
+    so both take one matmul; ``dim_feedforward`` is the width of the product.
+    """
 
     def __init__(
         self,
@@ -45,15 +75,23 @@ class FeedForward(nn.Module):
         bias: bool = True,
     ) -> None:
         super().__init__()
-        if activation not in ("relu", "gelu"):
-            raise ValueError(f"activation must be 'relu' or 'gelu', got {activation!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         self.activation = activation
-        self.linear1 = nn.Linear(d_model, dim_feedforward, bias=bias)
+        gated = activation in ("swiglu", "geglu")
+        self.linear1 = nn.Linear(d_model, (2 if gated else 1) * dim_feedforward, bias=bias)
         self.dropout = nn.Dropout(dropout)
         self.linear2 = nn.Linear(dim_feedforward, d_model, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        hidden = F.relu(self.linear1(x)) if self.activation == "relu" else F.gelu(self.linear1(x))
+        hidden = self.linear1(x)
+        if self.activation == "relu":
+            hidden = F.relu(hidden)
+        elif self.activation == "gelu":
+            hidden = F.gelu(hidden)
+        else:
+            gate, up = hidden.chunk(2, dim=-1)
+            hidden = (F.silu(gate) if self.activation == "swiglu" else F.gelu(gate)) * up
         return self.linear2(self.dropout(hidden))
 
 
@@ -100,7 +138,9 @@ def _copy_attention(ours: MultiHeadAttention, theirs: nn.MultiheadAttention) -> 
 class EncoderLayer(nn.Module):
     """Self-attention then feed-forward, each in a residual connection with a norm.
 
-    With ``causal=True`` in forward it is also a decoder-only (GPT) block.
+    With ``causal=True`` in forward it is also a decoder-only block (see `DecoderOnlyLayer`).
+    ``attention`` sets the self-attention's options; ``num_kv_heads`` and ``qk_norm`` are
+    the older spelling of two of them.
     """
 
     def __init__(
@@ -116,26 +156,61 @@ class EncoderLayer(nn.Module):
         bias: bool = True,
         num_kv_heads: int | None = None,
         qk_norm: bool = False,
+        *,
+        attention: AttentionConfig | None = None,
     ) -> None:
         super().__init__()
         self.norm_first = norm_first
-        attn = {"num_kv_heads": num_kv_heads, "bias": bias, "dropout": dropout, "qk_norm": qk_norm}
-        self.self_attn = MultiHeadAttention(d_model, num_heads, **attn)
+        self.attention_config = config = resolve(attention, num_kv_heads, qk_norm)
+        self.window = config.window
+        self.self_attn = MultiHeadAttention(
+            d_model, num_heads, **config.layer_kwargs(bias, dropout)
+        )
         self.feed_forward = FeedForward(d_model, dim_feedforward, dropout, activation, bias)
         self.norm1 = make_norm(norm, d_model, layer_norm_eps, bias)
         self.norm2 = make_norm(norm, d_model, layer_norm_eps, bias)
         self.dropout1 = nn.Dropout(dropout)
         self.dropout2 = nn.Dropout(dropout)
 
+    def self_attention_mask(
+        self, x: Tensor, mask: Mask | Tensor | None, causal: CausalArg, cache: SelfCache | None
+    ) -> tuple[Mask | Tensor | None, CausalArg]:
+        """``mask`` and ``causal`` with this layer's sliding window added (`window_mask`)."""
+        return window_mask(self.window, mask, causal, x, cache)
+
+    def new_cache(
+        self,
+        batch_size: int,
+        max_len: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> SelfCache:
+        """An empty cache for decoding up to ``max_len`` positions (a ring buffer of
+        ``window`` positions when the layer has a shorter window)."""
+        return new_self_cache(self.self_attn, self.window, batch_size, max_len, dtype, device)
+
     def forward(
         self,
         x: Tensor,
         *,
         mask: Mask | Tensor | None = None,
-        causal: bool = False,
-        cache: KVCache | None = None,
+        causal: CausalArg = False,
+        cache: SelfCache | None = None,
     ) -> Tensor:
         """x (batch, seq, d_model) → same shape. ``cache`` decodes causally step by step."""
+        mask, causal = self.self_attention_mask(x, mask, causal, cache)
+        return self.block(x, mask=mask, causal=causal, cache=cache)
+
+    def block(
+        self,
+        x: Tensor,
+        *,
+        mask: Mask | Tensor | None,
+        causal: CausalArg,
+        cache: SelfCache | None,
+    ) -> Tensor:
+        """The layer once its mask holds the window: a stack builds that mask once for all."""
 
         def self_attention(h: Tensor) -> Tensor:
             return self.dropout1(self.self_attn(h, mask=mask, causal=causal, cache=cache))
@@ -161,8 +236,30 @@ class EncoderLayer(nn.Module):
         return ours.to(layer.linear1.weight.device, layer.linear1.weight.dtype)
 
 
+class DecoderOnlyLayer(EncoderLayer):
+    """A decoder-only (GPT, Llama) block: causal self-attention then feed-forward.
+
+    An `EncoderLayer` whose forward is causal unless told otherwise; it has no
+    cross-attention, unlike `DecoderLayer` (the encoder-decoder's).
+    """
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        mask: Mask | Tensor | None = None,
+        causal: CausalArg = True,
+        cache: SelfCache | None = None,
+    ) -> Tensor:
+        """x (batch, seq, d_model) → same shape; ``mask`` (e.g. documents) joins causal."""
+        return super().forward(x, mask=mask, causal=causal, cache=cache)
+
+
 class DecoderLayer(nn.Module):
-    """Causal self-attention, cross-attention to the encoder memory, then feed-forward."""
+    """Causal self-attention, cross-attention to the encoder memory, then feed-forward.
+
+    ``attention`` reaches both attentions; its positions and window only the self-attention.
+    """
 
     def __init__(
         self,
@@ -177,12 +274,17 @@ class DecoderLayer(nn.Module):
         bias: bool = True,
         num_kv_heads: int | None = None,
         qk_norm: bool = False,
+        *,
+        attention: AttentionConfig | None = None,
     ) -> None:
         super().__init__()
         self.norm_first = norm_first
-        attn = {"num_kv_heads": num_kv_heads, "bias": bias, "dropout": dropout, "qk_norm": qk_norm}
-        self.self_attn = MultiHeadAttention(d_model, num_heads, **attn)
-        self.cross_attn = MultiHeadAttention(d_model, num_heads, **attn)
+        self.attention_config = config = resolve(attention, num_kv_heads, qk_norm)
+        self.window = config.window
+        self_kwargs = config.layer_kwargs(bias, dropout)
+        self.self_attn = MultiHeadAttention(d_model, num_heads, **self_kwargs)
+        cross_kwargs = config.layer_kwargs(bias, dropout, cross=True)
+        self.cross_attn = MultiHeadAttention(d_model, num_heads, **cross_kwargs)
         self.feed_forward = FeedForward(d_model, dim_feedforward, dropout, activation, bias)
         self.norm1 = make_norm(norm, d_model, layer_norm_eps, bias)
         self.norm2 = make_norm(norm, d_model, layer_norm_eps, bias)
@@ -191,6 +293,23 @@ class DecoderLayer(nn.Module):
         self.dropout2 = nn.Dropout(dropout)
         self.dropout3 = nn.Dropout(dropout)
 
+    def self_attention_mask(
+        self, x: Tensor, mask: Mask | Tensor | None, causal: CausalArg, cache: SelfCache | None
+    ) -> tuple[Mask | Tensor | None, CausalArg]:
+        """``tgt_mask`` and ``causal`` with the sliding window added (`window_mask`)."""
+        return window_mask(self.window, mask, causal, x, cache)
+
+    def new_cache(
+        self,
+        batch_size: int,
+        max_len: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> SelfCache:
+        """An empty self-attention cache (see `EncoderLayer.new_cache`)."""
+        return new_self_cache(self.self_attn, self.window, batch_size, max_len, dtype, device)
+
     def forward(
         self,
         x: Tensor,
@@ -198,14 +317,37 @@ class DecoderLayer(nn.Module):
         *,
         tgt_mask: Mask | Tensor | None = None,
         memory_mask: Mask | Tensor | None = None,
-        causal: bool = True,
-        self_cache: KVCache | None = None,
+        causal: CausalArg = True,
+        self_cache: SelfCache | None = None,
         cross_cache: CrossAttentionCache | None = None,
     ) -> Tensor:
         """x (batch, tgt_len, d_model), memory (batch, src_len, d_model) → like x.
 
         ``memory`` may be None once ``cross_cache`` holds its keys and values.
         """
+        tgt_mask, causal = self.self_attention_mask(x, tgt_mask, causal, self_cache)
+        return self.block(
+            x,
+            memory,
+            tgt_mask=tgt_mask,
+            memory_mask=memory_mask,
+            causal=causal,
+            self_cache=self_cache,
+            cross_cache=cross_cache,
+        )
+
+    def block(
+        self,
+        x: Tensor,
+        memory: Tensor | None,
+        *,
+        tgt_mask: Mask | Tensor | None,
+        memory_mask: Mask | Tensor | None,
+        causal: CausalArg,
+        self_cache: SelfCache | None,
+        cross_cache: CrossAttentionCache | None,
+    ) -> Tensor:
+        """The layer once ``tgt_mask`` holds the window (a stack builds it once for all)."""
         if memory is None and (cross_cache is None or cross_cache.is_empty):
             raise ValueError("memory is None, so cross_cache must hold the memory's keys/values")
 
@@ -244,6 +386,7 @@ class _Stack(nn.Module):
     """``num_layers`` layers of ``layer_class`` (plus a final norm when pre-norm)."""
 
     layer_class: type[EncoderLayer] | type[DecoderLayer]
+    layers: nn.ModuleList
 
     def __init__(
         self,
@@ -259,6 +402,8 @@ class _Stack(nn.Module):
         bias: bool = True,
         num_kv_heads: int | None = None,
         qk_norm: bool = False,
+        *,
+        attention: AttentionConfig | None = None,
     ) -> None:
         super().__init__()
         if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
@@ -276,31 +421,76 @@ class _Stack(nn.Module):
                 bias,
                 num_kv_heads,
                 qk_norm,
+                attention=attention,
             )
             for _ in range(num_layers)
         )
         self.norm = make_norm(norm, d_model, layer_norm_eps, bias) if norm_first else None
 
+    def new_caches(
+        self,
+        batch_size: int,
+        max_len: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> list[SelfCache]:
+        """One empty self-attention cache per layer, for decoding up to ``max_len`` positions."""
+        return [
+            layer.new_cache(batch_size, max_len, dtype=dtype, device=device)
+            for layer in self.layers
+        ]
+
+    def _check_caches(self, name: str, caches: list[Any] | None) -> None:
+        if caches is not None and len(caches) != len(self.layers):
+            raise ValueError(
+                f"{name} has {len(caches)} entries but there are {len(self.layers)} layers"
+            )
+
 
 class Encoder(_Stack):
     """A stack of ``num_layers`` EncoderLayers (plus a final norm when pre-norm)."""
 
-    layer_class = EncoderLayer
+    layer_class: type[EncoderLayer] = EncoderLayer
 
     def forward(
         self,
         x: Tensor,
         *,
         mask: Mask | Tensor | None = None,
-        causal: bool = False,
-        caches: list[KVCache] | None = None,
+        causal: CausalArg = False,
+        caches: list[SelfCache] | None = None,
     ) -> Tensor:
-        """Run every layer; ``caches`` holds one KVCache per layer when decoding."""
-        if caches is not None and len(caches) != len(self.layers):
-            raise ValueError(f"caches has {len(caches)} entries but there are {len(self.layers)}")
+        """Run every layer; ``caches`` holds one cache per layer when decoding.
+
+        The sliding-window mask is built once here and shared by every layer.
+        """
+        self._check_caches("caches", caches)
+        first = self.layers[0]
+        mask, causal = first.self_attention_mask(
+            x, mask, causal, None if caches is None else caches[0]
+        )
         for i, layer in enumerate(self.layers):
-            x = layer(x, mask=mask, causal=causal, cache=None if caches is None else caches[i])
+            cache = None if caches is None else caches[i]
+            x = layer.block(x, mask=mask, causal=causal, cache=cache)
         return x if self.norm is None else self.norm(x)
+
+
+class DecoderOnly(Encoder):
+    """A decoder-only stack (GPT, Llama): `DecoderOnlyLayer`s, causal unless told otherwise."""
+
+    layer_class = DecoderOnlyLayer
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        mask: Mask | Tensor | None = None,
+        causal: CausalArg = True,
+        caches: list[SelfCache] | None = None,
+    ) -> Tensor:
+        """Run every layer; ``mask`` (e.g. `masks.documents`) joins the causal mask."""
+        return super().forward(x, mask=mask, causal=causal, caches=caches)
 
 
 class Decoder(_Stack):
@@ -315,20 +505,23 @@ class Decoder(_Stack):
         *,
         tgt_mask: Mask | Tensor | None = None,
         memory_mask: Mask | Tensor | None = None,
-        self_caches: list[KVCache] | None = None,
+        self_caches: list[SelfCache] | None = None,
         cross_caches: list[CrossAttentionCache] | None = None,
     ) -> Tensor:
         """Run every layer; the caches hold one entry per layer when decoding."""
-        n = len(self.layers)
-        for name, caches in (("self_caches", self_caches), ("cross_caches", cross_caches)):
-            if caches is not None and len(caches) != n:
-                raise ValueError(f"{name} has {len(caches)} entries but there are {n} layers")
+        self._check_caches("self_caches", self_caches)
+        self._check_caches("cross_caches", cross_caches)
+        first = self.layers[0]
+        tgt_mask, causal = first.self_attention_mask(
+            x, tgt_mask, True, None if self_caches is None else self_caches[0]
+        )
         for i, layer in enumerate(self.layers):
-            x = layer(
+            x = layer.block(
                 x,
                 memory,
                 tgt_mask=tgt_mask,
                 memory_mask=memory_mask,
+                causal=causal,
                 self_cache=None if self_caches is None else self_caches[i],
                 cross_cache=None if cross_caches is None else cross_caches[i],
             )
