@@ -105,7 +105,7 @@ def _data(n: int = 64, seed: int = 0) -> tuple[Tensor, Tensor]:
     return x, x @ torch.tensor([1.0, -2.0, 0.5, 3.0]) + 0.1 * torch.randn(n, generator=g)
 
 
-def _setup(run_dir: Path, schedule_steps: int = 20, **overrides) -> Trainer:
+def _setup(run_dir: Path, schedule_steps: int = 20, schedule=None, **overrides) -> Trainer:
     torch.manual_seed(0)
     model = TiedMLP()
     x, y = _data()
@@ -136,8 +136,27 @@ def _setup(run_dir: Path, schedule_steps: int = 20, **overrides) -> Trainer:
         loss_fn,
         batches,
         TrainConfig(**settings),
-        schedule=lambda opt: warmup_cosine(opt, 3, schedule_steps),
+        schedule=schedule or (lambda opt, progress: warmup_cosine(opt, 3, schedule_steps)),
     )
+
+
+def test_trainer_hands_its_progress_to_the_schedule(tmp_path: Path) -> None:
+    seen: list[float] = []
+
+    def schedule(optimizer, progress):
+        def recorded() -> float:
+            seen.append(progress())
+            return seen[-1]
+
+        return warmup_cosine(optimizer, 2, progress=recorded)
+
+    trainer = _setup(tmp_path, schedule=schedule, max_steps=8)
+    trainer.train()
+    # Built at progress 0, then asked after each update (before the step counter moves on),
+    # once per parameter group (AdamW's with and without weight decay).
+    assert seen == pytest.approx([p for k in [0, *range(8)] for p in (k / 8, k / 8)])
+    last = warmup_cosine_factor(8, 2, progress=7 / 8)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 * last)
 
 
 def test_checkpoint_round_trip(tmp_path: Path) -> None:

@@ -21,12 +21,10 @@ model and writes the files.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,8 +32,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..models.vit import ViT, ViTConfig
-from ..training import TrainConfig, Trainer, publish_run, warmup_cosine
 from ..training import distributed as dist
+from . import common
+from .common import Defaults
 
 __all__ = [
     "DigitsSplit",
@@ -200,42 +199,42 @@ def svc_baselines(split: DigitsSplit) -> dict[str, float]:
     }
 
 
+DEFAULTS = Defaults(
+    run_dir="runs/image-digits",
+    model_dir="models/image-digits",
+    minutes=5.0,
+    threads=1,  # 1 is fastest on a busy box
+    lr=3e-3,
+    warmup=100,
+    eval_every=250,
+    d_model=64,
+    heads=4,
+    ff=128,
+    dropout=0.0,
+    weight_decay=0.05,
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m multihead.apps.image",
-        description="Train a ViT on scikit-learn's 8×8 digits and compare it with an RBF SVM.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    """The shared training flags (`common`) and the image app's own."""
+    p = common.build_parser(
+        "python -m multihead.apps.image",
+        "Train a ViT on scikit-learn's 8×8 digits and compare it with an RBF SVM.",
+        DEFAULTS,
     )
-    arg = p.add_argument
-    arg("--minutes", type=float, default=5.0, help="training time budget")
-    arg("--epochs", type=int, default=None, help="stop after this many epochs (also)")
-    arg("--steps", type=int, default=None, help="stop after this many updates (also)")
-    arg("--run-dir", default="runs/image-digits", help="log, curves, checkpoints, metrics")
-    arg("--model-dir", default="models/image-digits", help="where the final model is saved")
+    own = p.add_argument_group("image")
+    arg = own.add_argument
     arg("--no-save", action="store_true", help="do not write --model-dir")
     arg("--test-size", type=int, default=360)
     arg("--split-seed", type=int, default=0, help="seed of the train/test split")
-    arg("--seed", type=int, default=0, help="seed of initialisation, order and augmentation")
     arg("--batch-size", type=int, default=64)
-    arg("--lr", type=float, default=3e-3)
-    arg("--weight-decay", type=float, default=0.05)
-    arg("--warmup", type=int, default=100, help="warmup updates before the cosine decay")
     arg("--label-smoothing", type=float, default=0.1)
     arg("--max-shift", type=float, default=1.0, help="pixels")
     arg("--max-rotation", type=float, default=10.0, help="degrees")
     arg("--whole-pixel-shifts", action="store_true", help="shift by whole pixels only")
     arg("--patch-size", type=int, default=2)
     arg("--patch-kernel", type=int, default=3, help="> patch size: overlapping patches")
-    arg("--d-model", type=int, default=64)
-    arg("--heads", type=int, default=4)
     arg("--layers", type=int, default=4)
-    arg("--ff", type=int, default=128)
-    arg("--dropout", type=float, default=0.0)
-    arg("--eval-every", type=int, default=250)
-    arg("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy box)")
-    arg("--resume", action="store_true")
-    arg("--overwrite", action="store_true")
-    arg("--no-progress", action="store_true")
     return p
 
 
@@ -244,11 +243,8 @@ def main(
 ) -> int:
     """Train and score the ViT and the SVCs. ``build_model`` makes the model from its config
     (the benchmarks pass a twin whose encoder is ``torch.nn.TransformerEncoder``)."""
-    args = build_parser().parse_args(argv)
-    dist.setup()
-    main_process = dist.is_main()
-    torch.set_num_threads(args.threads)
-    run_dir = Path(args.run_dir)
+    args = common.parse_args(build_parser(), argv, DEFAULTS)
+    main_process = common.start(args)
     config = ViTConfig(
         patch_size=args.patch_size,
         patch_kernel=args.patch_kernel if args.patch_kernel != args.patch_size else None,
@@ -297,37 +293,7 @@ def main(
             "test_loss": float(F.cross_entropy(model(split.test_images), split.test_labels)),
         }
 
-    train_config = TrainConfig(
-        run_dir=run_dir,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        seed=args.seed,
-        max_steps=args.steps,
-        max_epochs=args.epochs,
-        time_budget_minutes=args.minutes,
-        log_every=25,
-        eval_every=args.eval_every,
-        checkpoint_every=args.eval_every,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        progress_bar=not args.no_progress,
-    )
-    # The cosine follows Trainer.progress (time, epochs or steps, whichever ends first), but
-    # the Trainer builds the schedule before it exists: look it up when an update asks.
-    trainers: list[Trainer] = []
-
-    def progress() -> float:
-        return trainers[0].progress() if trainers else 0.0
-
-    trainer = Trainer(
-        net,
-        loss_fn,
-        batches,
-        train_config,
-        schedule=lambda opt: warmup_cosine(opt, args.warmup, progress=progress),
-        evaluate=evaluate,
-    )
-    trainers.append(trainer)
+    trainer = common.build_trainer(args, net, loss_fn, batches, evaluate=evaluate, log_every=25)
     result = trainer.train()
     if not main_process:
         return 0
@@ -346,19 +312,18 @@ def main(
         "epochs": result.epoch,
         "parameters": sum(p.numel() for p in model.parameters()),
         "model": asdict(config),
-        "args": vars(args),
+        "args": common.record(args),
     }
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     if not args.no_save:
         model.save_pretrained(args.model_dir)
-        publish_run(run_dir, args.model_dir, metrics)
+    common.write_results(args, metrics, None if args.no_save else args.model_dir)
     print(
         f"ViT test accuracy {100 * test_acc:.2f}%, {100 * tta_acc:.2f}% with test-time shifts "
         f"({len(split.test_labels)} test images, split seed {split.seed})\n"
         f"SVC (RBF, gamma='scale') {100 * baselines['svc_gamma_scale']:.2f}%, "
         f"SVC (RBF, gamma=0.001) {100 * baselines['svc_gamma_0.001']:.2f}%\n"
         f"training {metrics['train_minutes']:.2f} min ({result.step} updates, "
-        f"{result.epoch} epochs); metrics in {run_dir / 'metrics.json'}"
+        f"{result.epoch} epochs); metrics in {args.run_dir / 'metrics.json'}"
     )
     return 0
 

@@ -55,7 +55,8 @@ __all__ = ["TrainConfig", "TrainResult", "Trainer", "seed_everything"]
 LossFn = Callable[[Any], tuple[Tensor, Mapping[str, float | Tensor]]]
 BatchFactory = Callable[[int], Iterable[Any]]
 EvalFn = Callable[[nn.Module, int], Mapping[str, float]]
-ScheduleFactory = Callable[[Optimizer], LRScheduler]
+# (optimizer, progress) → scheduler; progress() is the fraction of the run done (0 → 1).
+ScheduleFactory = Callable[[Optimizer, Callable[[], float]], LRScheduler]
 _END = object()
 # With on_nonfinite="skip", this many non-finite steps in a row stop the run anyway.
 MAX_SKIPS_IN_A_ROW = 20
@@ -187,8 +188,9 @@ class Trainer:
         loss_fn: batch → (scalar loss tensor, metrics such as {"tokens": 812, "acc": 0.4}).
         batches: epoch → iterable of batches, deterministic in epoch.
         config: `TrainConfig`.
-        schedule: optimizer → LR scheduler stepped once per update (see `schedule.py`);
-            default constant learning rate. It may use `Trainer.progress` for time budgets.
+        schedule: (optimizer, progress) → LR scheduler stepped once per update (see
+            `schedule.py`); default constant learning rate. ``progress`` is this trainer's
+            `progress`, so a decay can end with the run when only a time budget bounds it.
         evaluate: (model, step) → metrics, called in eval mode without gradients every
             ``eval_every`` steps and at the end.
         after_step: called with the trainer after every update (and its log, eval and
@@ -261,7 +263,7 @@ class Trainer:
         if schedule is None:
             self.scheduler: LRScheduler = LambdaLR(self.optimizer, lambda step: 1.0)
         else:
-            self.scheduler = schedule(self.optimizer)
+            self.scheduler = schedule(self.optimizer, self.progress)
             if not isinstance(self.scheduler, LRScheduler):
                 raise TypeError(
                     f"schedule must return an LRScheduler, got {type(self.scheduler).__name__}"

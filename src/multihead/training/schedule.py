@@ -5,6 +5,11 @@ few hundred updates, and a full learning rate then can wreck the attention layer
 factory returns a `torch.optim.lr_scheduler.LambdaLR`; the pure ``*_factor`` functions give
 the multiplier of the base learning rate for the update with index ``step`` (0-based), so the
 numbers can be checked by hand.
+
+The `Trainer` builds its scheduler from a factory that it hands its own progress, so a
+decay can follow a time budget without the schedule knowing about the trainer:
+
+    Trainer(..., schedule=lambda opt, progress: warmup_cosine(opt, 400, progress=progress))
 """
 
 from __future__ import annotations
@@ -68,7 +73,7 @@ def warmup_cosine(
 
     The decay ends at update ``total_steps``. When the length of the run is known only as a
     time budget, pass ``progress`` instead: a callable giving the fraction of the run done
-    (`Trainer.progress`), and the cosine follows wall time rather than steps.
+    (the one the `Trainer` hands its schedule factory), and the cosine ends with the run.
     """
     _check_steps("warmup_steps", warmup_steps, 0)
     if not 0.0 <= min_lr_ratio <= 1.0:

@@ -28,15 +28,16 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ...models.speech import SpeechEncoder, SpeechEncoderConfig, ctc_loss
-from ...training import TrainConfig, Trainer, WeightAverage, publish_run, warmup_cosine
+from ...training import WeightAverage
 from ...training import distributed as dist
+from .. import common
+from ..common import Defaults
 from .augment import AugmentConfig, spec_augment, speed_perturb
 from .data import (
     UNSEEN_SPEAKER,
@@ -223,21 +224,31 @@ def choose_average(
     return "final"
 
 
+DEFAULTS = Defaults(
+    run_dir="runs/speech",
+    model_dir=None,  # the model goes to RUN/model
+    minutes=20.0,
+    threads=2,
+    lr=2.5e-3,
+    warmup=300,
+    eval_every=400,
+    d_model=144,
+    heads=4,
+    ff=576,
+    dropout=0.1,
+    average_fraction=0.25,
+    average_every=25,
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="multihead.apps.speech.train", description=__doc__)
-    arg = p.add_argument
-    arg("--run-dir", default="runs/speech")
-    arg("--minutes", type=float, default=20.0, help="time budget (training and evaluation)")
-    arg("--steps", type=int, default=None, help="stop after this many updates")
+    """The shared training flags (`common`) and the speech app's own."""
+    p = common.build_parser("multihead.apps.speech.train", __doc__ or "", DEFAULTS)
+    own = p.add_argument_group("speech")
+    arg = own.add_argument
     arg("--batch-size", type=int, default=32)
-    arg("--lr", type=float, default=2.5e-3)
-    arg("--warmup", type=int, default=300)
-    arg("--d-model", type=int, default=144)
     arg("--layers", type=int, default=4)
-    arg("--heads", type=int, default=4)
-    arg("--ff", type=int, default=576)
     arg("--conv-channels", type=int, default=64)
-    arg("--dropout", type=float, default=0.1)
     arg("--n-mels", type=int, default=40, choices=(40, 80))
     arg("--no-speed", action="store_true", help="no speed perturbation")
     arg("--no-vtlp", action="store_true", help="no vocal tract length perturbation")
@@ -249,17 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     arg("--espeak-fraction", type=float, default=0.2, help="share of synthetic utterances")
     arg("--espeak-cache", default="runs/espeak-cache", help="where generated audio is kept")
     arg("--unseen-speaker", default=UNSEEN_SPEAKER)
-    arg("--eval-every", type=int, default=400)
     arg("--eval-size", type=int, default=300, help="utterances per final evaluation set")
     arg("--beam", type=int, default=8)
-    arg("--average-fraction", type=float, default=0.25,
-        help="average the weights over this last share of the run (0: off)")  # fmt: skip
-    arg("--average-every", type=int, default=25, help="updates between averaged samples")
-    arg("--seed", type=int, default=0)
-    arg("--threads", type=int, default=2)
-    arg("--resume", action="store_true")
-    arg("--overwrite", action="store_true")
-    arg("--no-progress", action="store_true")
     return p
 
 
@@ -270,11 +272,9 @@ def main(
 ) -> int:
     """Train, choose the weights, save and score. ``build_model`` makes the model from its
     config (the benchmarks pass a twin whose encoder is ``torch.nn.TransformerEncoder``)."""
-    args = build_parser().parse_args(argv)
-    dist.setup()
-    main_process = dist.is_main()
-    torch.set_num_threads(args.threads)
-    run_dir = Path(args.run_dir)
+    args = common.parse_args(build_parser(), argv, DEFAULTS)
+    main_process = common.start(args)
+    run_dir = args.run_dir
     model_config = SpeechEncoderConfig(
         n_mels=args.n_mels,
         d_model=args.d_model,
@@ -336,20 +336,6 @@ def main(
     torch.manual_seed(args.seed)
     model = build_model(model_config)
     net = dist.wrap(model)  # DDP under torchrun: the forward that averages the gradients
-    train_config = TrainConfig(
-        run_dir=run_dir,
-        lr=args.lr,
-        seed=args.seed,
-        max_steps=args.steps,
-        time_budget_minutes=args.minutes,
-        log_every=25,
-        eval_every=args.eval_every,
-        checkpoint_every=args.eval_every,
-        rate_key="frames",
-        resume=args.resume,
-        overwrite=args.overwrite,
-        progress_bar=not args.no_progress,
-    )
     batches = TrainingBatches(
         parts["train"],
         synthetic,
@@ -362,27 +348,21 @@ def main(
         ramp_steps=args.aug_ramp,
         synth=SynthConfig(margin_prob=args.margin_prob),
     )
-    # The schedule follows wall time (Trainer.progress), but the Trainer builds the schedule
-    # before it exists: look it up when the first update asks.
-    trainers: list[Trainer] = []
-
-    def progress() -> float:
-        return trainers[0].progress() if trainers else 0.0
 
     def shards(epoch: int) -> Iterator[tuple[SpeechBatch, int]]:
         return ((shard(batch), len(batch.frames)) for batch in batches(epoch))
 
-    average = WeightAverage(model, args.average_every, 1.0 - args.average_fraction)
-    trainer = Trainer(
+    average = common.weight_average(model, args)
+    trainer = common.build_trainer(
+        args,
         net,
         loss_fn,
         shards,
-        train_config,
-        schedule=lambda opt: warmup_cosine(opt, args.warmup, progress=progress),
         evaluate=evaluate,
-        after_step=average if args.average_fraction > 0 and main_process else None,
+        log_every=25,
+        rate_key="frames",
+        average=average,
     )
-    trainers.append(trainer)
     result = trainer.train()
     if not main_process:
         return 0
@@ -405,10 +385,9 @@ def main(
         "augment": asdict(augment),
         "margin_prob": args.margin_prob,
         "espeak_speakers": len({c.speaker for c in synthetic}),
-        "args": vars(args),
+        "args": common.record(args),
     }
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    publish_run(run_dir, run_dir / "model", metrics)
+    common.write_results(args, metrics, run_dir / "model")
     summary = {k: v for k, v in metrics.items() if "wer" in k}
     print(json.dumps(summary, indent=2))
     return 0

@@ -30,23 +30,15 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ...models import Seq2SeqConfig, Seq2SeqTransformer
-from ...training import (
-    TrainConfig,
-    Trainer,
-    WeightAverage,
-    has_checkpoint,
-    publish_run,
-    warmup_cosine,
-    warmup_inverse_sqrt,
-)
 from ...training import distributed as dist
+from .. import common
+from ..common import Defaults
 from .data import (
     PAD_ID,
     SPM_MODEL,
@@ -63,44 +55,41 @@ from .evaluate import evaluate_pairs
 __all__ = ["EpochBatches", "build_parser", "main", "shard"]
 
 
+DEFAULTS = Defaults(
+    run_dir="runs/translate-en-fr",
+    model_dir="models/translate-en-fr",
+    minutes=None,
+    threads=2,
+    lr=1e-3,
+    warmup=400,
+    eval_every=1000,
+    d_model=256,
+    heads=4,
+    ff=1024,
+    dropout=0.1,
+    weight_decay=0.01,
+    average_fraction=0.15,
+    average_every=50,
+    unbounded_minutes=50.0,
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m multihead.apps.translate.train",
-        description="Train the English → French Transformer on Tatoeba.",
+    """The shared training flags (`common`) and the translation app's own."""
+    parser = common.build_parser(
+        "python -m multihead.apps.translate.train",
+        "Train the English → French Transformer on Tatoeba.",
+        DEFAULTS,
     )
-    arg = parser.add_argument
-    arg("--run-dir", type=Path, default=Path("runs/translate-en-fr"))
-    arg("--model-dir", type=Path, default=Path("models/translate-en-fr"))
-    arg("--minutes", type=float, help="training time budget (default 50 if no other limit)")
-    arg("--epochs", type=int)
-    arg("--max-steps", type=int)
-    model = parser.add_argument_group("model")
-    model.add_argument("--d-model", type=int, default=256)
-    model.add_argument("--heads", type=int, default=4)
-    model.add_argument("--encoder-layers", type=int, default=3)
-    model.add_argument("--decoder-layers", type=int, default=3)
-    model.add_argument("--ffn", type=int, default=1024)
-    model.add_argument("--dropout", type=float, default=0.1)
-    optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--max-tokens", type=int, default=2048, help="padded tokens per batch")
-    optim.add_argument("--lr", type=float, default=1e-3)
-    optim.add_argument("--warmup", type=int, default=400, help="warmup steps")
-    optim.add_argument("--schedule", choices=["cosine", "inverse-sqrt"], default="cosine")
-    optim.add_argument("--weight-decay", type=float, default=0.01)
-    optim.add_argument("--clip", type=float, default=1.0, help="gradient norm clip")
-    optim.add_argument("--label-smoothing", type=float, default=0.1)
-    optim.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CPU AMX)")
-    loop = parser.add_argument_group("loop")
-    loop.add_argument("--eval-every", type=int, default=1000, help="steps between valid BLEU")
-    loop.add_argument("--valid-sentences", type=int, default=500, help="valid BLEU subset")
-    loop.add_argument("--checkpoint-every", type=int, default=500)
-    loop.add_argument("--average-fraction", type=float, default=0.15)
-    loop.add_argument("--average-every", type=int, default=50)
-    loop.add_argument("--resume", action="store_true")
-    loop.add_argument("--overwrite", action="store_true", help="restart an existing run dir")
-    loop.add_argument("--seed", type=int, default=0)
-    loop.add_argument("--threads", type=int, default=2)
-    loop.add_argument("--no-progress", action="store_true")
+    own = parser.add_argument_group("translation")
+    arg = own.add_argument
+    arg("--encoder-layers", type=int, default=3)
+    arg("--decoder-layers", type=int, default=3)
+    arg("--max-tokens", type=int, default=2048, help="padded tokens per batch")
+    arg("--label-smoothing", type=float, default=0.1)
+    arg("--bf16", action="store_true", help="bfloat16 autocast (CPU AMX)")
+    arg("--valid-sentences", type=int, default=500, help="valid BLEU subset")
+    arg("--checkpoint-every", type=int, default=500)
     test = parser.add_argument_group("test")
     test.add_argument("--beam", type=int, default=5)
     test.add_argument("--length-penalty", type=float, default=1.0)
@@ -140,16 +129,9 @@ def main(
 ) -> int:
     """Train, choose the weights, save and test. ``build_model`` makes the model from its
     config (the benchmarks pass a ``torch.nn.Transformer`` twin to run the same recipe)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.minutes is None and args.epochs is None and args.max_steps is None:
-        args.minutes = 50.0
-    if has_checkpoint(args.run_dir / "last") and not (args.resume or args.overwrite):
-        parser.error(f"{args.run_dir} already holds a run: pass --resume or --overwrite")
-    dist.setup()
-    main_process = dist.is_main()
+    args = common.parse_args(build_parser(), argv, DEFAULTS)
+    main_process = common.start(args)
     say = print if main_process else lambda *args, **kwargs: None
-    torch.set_num_threads(args.threads)
     started = time.monotonic()
 
     splits = load_splits()
@@ -164,7 +146,7 @@ def main(
         num_heads=args.heads,
         num_encoder_layers=args.encoder_layers,
         num_decoder_layers=args.decoder_layers,
-        dim_feedforward=args.ffn,
+        dim_feedforward=args.ff,
         dropout=args.dropout,
     )
     train_examples = encode_pairs(splits.train, sp, config.max_len)
@@ -209,53 +191,20 @@ def main(
         scores, _ = evaluate_pairs(model, sp, valid)
         return {"valid_nll": total / tokens, "valid_bleu": scores.bleu, "valid_chrf": scores.chrf}
 
-    train_config = TrainConfig(
-        run_dir=args.run_dir,
-        lr=args.lr,
-        betas=(0.9, 0.98),
-        weight_decay=args.weight_decay,
-        grad_clip=args.clip,
-        seed=args.seed,
-        max_steps=args.max_steps,
-        max_epochs=args.epochs,
-        time_budget_minutes=args.minutes,
-        log_every=20,
-        eval_every=args.eval_every,
-        checkpoint_every=args.checkpoint_every,
-        best_metric="valid_bleu",
-        best_mode="max",
-        rate_key="tokens",
-        resume=args.resume,
-        overwrite=args.overwrite,
-        progress_bar=not args.no_progress,
-    )
-    # The cosine follows Trainer.progress (steps, epochs or time, whichever ends first); the
-    # trainer builds the schedule in its constructor, so look it up once it exists.
-    trainers: list[Trainer] = []
-
-    def progress() -> float:
-        return trainers[0].progress() if trainers else 0.0
-
-    if args.schedule == "cosine":
-
-        def schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
-            return warmup_cosine(optimizer, args.warmup, progress=progress)
-    else:
-
-        def schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
-            return warmup_inverse_sqrt(optimizer, args.warmup)
-
-    average = WeightAverage(model, args.average_every, 1.0 - args.average_fraction)
-    trainer = Trainer(
+    average = common.weight_average(model, args)
+    trainer = common.build_trainer(
+        args,
         net,
         loss_fn,
         batches,
-        train_config,
-        schedule=schedule,
         evaluate=evaluate,
-        after_step=average if args.average_fraction > 0 and main_process else None,
+        log_every=20,
+        checkpoint_every=args.checkpoint_every,
+        rate_key="tokens",
+        best_metric="valid_bleu",
+        best_mode="max",
+        average=average,
     )
-    trainers.append(trainer)
     result = trainer.train()
     if not main_process:
         return 0
@@ -314,9 +263,9 @@ def main(
         "bleu_signature": test.bleu_signature,
         "chrf_signature": test.chrf_signature,
         **valid_scores,
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "args": common.record(args),
     }
-    publish_run(args.run_dir, args.model_dir, results)
+    common.write_results(args, results, args.model_dir)
     print(f"test (beam {args.beam}): {test}")
     print(f"total time {results['total_minutes']:.1f} min")
     return 0
