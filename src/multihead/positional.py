@@ -43,6 +43,27 @@ def _check_span(x: Tensor, offset: int, max_len: int, d_model: int) -> None:
         )
 
 
+def _check_positions(positions: object, x: Tensor) -> Tensor:
+    """Per-token positions, (seq,) or (batch, seq), for rows whose positions are not a range:
+    packed documents restart at 0, so each gets the positions it would have alone.
+
+    Their values are not read here (no host sync in a forward pass); one past the table fails
+    in the indexing.
+    """
+    if not isinstance(positions, Tensor):
+        raise TypeError(f"positions must be a torch.Tensor, got {type(positions).__name__}")
+    if positions.dtype.is_floating_point or positions.dtype.is_complex:
+        raise TypeError(f"positions must be an integer tensor, got {positions.dtype}")
+    if positions.dtype == torch.bool:
+        raise TypeError("positions must be an integer tensor, got torch.bool")
+    if positions.shape not in ((x.shape[1],), (x.shape[0], x.shape[1])):
+        raise ValueError(
+            f"positions must be (seq,) or (batch, seq) = {(x.shape[0], x.shape[1])}, "
+            f"got shape {tuple(positions.shape)}"
+        )
+    return positions.to(x.device)
+
+
 def sinusoid_table(max_len: int, d_model: int) -> Tensor:
     """The paper's table: PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(...)."""
     position = torch.arange(max_len, dtype=torch.float64).unsqueeze(1)
@@ -72,9 +93,11 @@ class SinusoidalPositions(nn.Module):
         self.d_model, self.max_len = d_model, max_len
         self.register_buffer("pe", sinusoid_table(max_len, d_model), persistent=False)
 
-    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
-        """x + PE[offset : offset + seq]."""
+    def forward(self, x: Tensor, offset: int = 0, positions: Tensor | None = None) -> Tensor:
+        """x + PE[offset : offset + seq], or x + PE[positions] (see `_check_positions`)."""
         _check_span(x, offset, self.max_len, self.d_model)
+        if positions is not None:
+            return x + self.pe[_check_positions(positions, x)].to(x.dtype)
         return x + self.pe[offset : offset + x.shape[1]].to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -93,9 +116,11 @@ class LearnedPositions(nn.Module):
         self.embedding = nn.Embedding(max_len, d_model)
         nn.init.normal_(self.embedding.weight, std=init_std)
 
-    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
-        """x + P[offset : offset + seq]."""
+    def forward(self, x: Tensor, offset: int = 0, positions: Tensor | None = None) -> Tensor:
+        """x + P[offset : offset + seq], or x + P[positions] (see `_check_positions`)."""
         _check_span(x, offset, self.max_len, self.d_model)
+        if positions is not None:
+            return x + self.embedding.weight[_check_positions(positions, x)].to(x.dtype)
         return x + self.embedding.weight[offset : offset + x.shape[1]].to(x.dtype)
 
 
