@@ -37,10 +37,10 @@ KERNEL_NAMES = ["sdpa", "reference", "tiled"]
 def _tiny_tiles(monkeypatch):
     """Tiles of 2 queries × 3 keys, so the tiny test shapes span many tiles: every merge,
     skip and partial-tile path of the tiled kernel runs."""
-    from multihead.kernels import tiled
+    from multihead.kernels import online_softmax
 
-    monkeypatch.setattr(tiled, "BLOCK_Q", 2)
-    monkeypatch.setattr(tiled, "BLOCK_K", 3)
+    monkeypatch.setattr(online_softmax, "BLOCK_Q", 2)
+    monkeypatch.setattr(online_softmax, "BLOCK_K", 3)
 
 
 # (atol, rtol) against a float64 oracle, for forward outputs and for gradients.

@@ -74,7 +74,7 @@ def test_padding_defaults_to_longest_and_self_attention():
 def test_padding_with_empty_batch():
     mask = masks.padding(torch.zeros(0, dtype=torch.long), max_len=3, q_len=2)
     assert mask.to_dense().shape == (0, 1, 2, 3)
-    assert mask.block_structure(2, 2).shape == (0, 1, 2)
+    assert mask.block_structure(2, 2).shape == (0, 1, 1, 2)
 
 
 def test_sliding_window_top_left():
@@ -151,13 +151,13 @@ def test_block_structure_small_hand_case():
     # causal 4x4 in 2x2 tiles: diagonal tiles partial, below full, above empty.
     got = masks.causal(4).block_structure(2, 2)
     assert got.dtype == torch.int8
-    assert got.tolist() == [[[PARTIAL, EMPTY], [FULL, PARTIAL]]]
+    assert got.tolist() == [[[[PARTIAL, EMPTY], [FULL, PARTIAL]]]]  # (batch, heads, 2, 2)
 
 
 def test_block_structure_ignores_padding_past_the_end():
     # 3 keys in tiles of 2: the last tile holds one real key, which every query sees.
     got = masks.causal(2, 3, align="bottom-right").block_structure(2, 2)
-    assert got.tolist() == [[[FULL, PARTIAL]]]
+    assert got.tolist() == [[[[FULL, PARTIAL]]]]
 
 
 # -- hypothesis: algebra and block structure against dense tensors ---------------------------
@@ -239,12 +239,26 @@ def _classify(full: torch.Tensor, block_q: int, block_k: int) -> torch.Tensor:
     return out
 
 
-@given(mask_pairs(), st.integers(1, 5), st.integers(1, 5), st.sampled_from(["&", "|", "a"]))
+OPS = ["&", "|", "a", "~", "& ~", "~(|)", "fn"]
+
+
+@given(mask_pairs(), st.integers(1, 5), st.integers(1, 5), st.sampled_from(OPS))
 def test_block_structure_matches_dense_classification(pair, block_q, block_k, op):
+    """Every kind's structure, and each operator's combination of its operands' structures
+    (evaluating only tiles both leave cut), equals the classification of the dense mask."""
     (a, da), (b, db) = pair
-    mask, expected = {"&": (a & b, da & db), "|": (a | b, da | db), "a": (a, da)}[op]
+    as_function = masks.from_function(a.mask_mod, a.q_len, a.k_len, batch=a.batch)
+    mask, expected = {
+        "&": (a & b, da & db),
+        "|": (a | b, da | db),
+        "a": (a, da),
+        "~": (~a, ~da),
+        "& ~": (a & ~b, da & ~db),
+        "~(|)": (~(a | b), ~(da | db)),
+        "fn": (as_function & b, da & db),
+    }[op]
     got = mask.block_structure(block_q, block_k)
-    assert torch.equal(got, _classify(expected, block_q, block_k))
+    assert torch.equal(got.squeeze(1), _classify(expected, block_q, block_k))
 
 
 # -- errors ------------------------------------------------------------------------------------
@@ -278,7 +292,7 @@ def test_combining_with_a_tensor_raises_type_error():
         (lambda: masks.sliding_window(4, window=0), ValueError, "window must be >= 1"),
         (lambda: masks.sliding_window(4, window=-1), ValueError, "window must be >= 0"),
         (lambda: masks.sliding_window(4, window=1.5), TypeError, "window must be an int"),
-        (lambda: masks.sliding_window(4, align="middle"), ValueError, "align"),
+        (lambda: masks.sliding_window(4, window=2, align="middle"), ValueError, "align"),
         (lambda: masks.padding([[1, 2]]), ValueError, "lengths must be 1-D"),
         (lambda: masks.padding([1.0, 2.0]), TypeError, "lengths must be an integer"),
         (lambda: masks.padding([True, False]), TypeError, "lengths must be an integer"),
@@ -306,9 +320,91 @@ def test_band_block_structure_equals_the_pairwise_one(
     """Causal and sliding-window masks classify tiles from the band's edges; the generic
     method, which evaluates every (query, key) pair, is the oracle."""
     band = (
-        masks.causal(q_len, k_len, align)
+        masks.causal(q_len, k_len, align=align)
         if window is None
-        else masks.sliding_window(q_len, k_len, window, align)
+        else masks.sliding_window(q_len, k_len, window=window, align=align)
     )
     pairwise = masks.Mask.block_structure(band, block_q, block_k)
     assert torch.equal(band.block_structure(block_q, block_k), pairwise)
+
+
+# -- from_function: FlexAttention's mask_mod signature ---------------------------------------
+def prefix_lm(b, h, q_idx, kv_idx):
+    """A FlexAttention mask_mod: the first 3 keys are seen by all, the rest causally."""
+    return (kv_idx < 3) | (kv_idx <= q_idx)
+
+
+def test_from_function_evaluates_a_flex_style_mask_mod():
+    mask = masks.from_function(prefix_lm, 6, 7)
+    expected = build(lambda b, i, j: j < 3 or j <= i, 1, 6, 7)
+    _check(mask, expected)
+    assert mask.name == "prefix_lm" and repr(mask) == "Mask(prefix_lm, 6x7)"
+
+
+def test_a_mask_mod_that_reads_the_head_gives_a_mask_per_head():
+    def per_head(b, h, q, k):
+        return (q - k).abs() <= h  # head h sees h positions either side
+
+    mask = masks.from_function(per_head, 5, heads=3)
+    dense = mask.to_dense()
+    assert dense.shape == (1, 3, 5, 5)
+    for h in range(3):
+        want = build(lambda b, i, j, h=h: abs(i - j) <= h, 1, 5, 5)[0]
+        assert torch.equal(dense[0, h], want)
+    structure = mask.block_structure(2, 2)
+    assert structure.shape == (1, 3, 3, 3)
+    assert structure[0, 0, 0, 1] == EMPTY and structure[0, 2, 0, 1] == PARTIAL
+
+
+def test_block_structure_is_computed_once_and_never_over_the_whole_matrix(monkeypatch):
+    calls = []
+    original = masks.Mask.evaluate
+
+    def recording(self, q0, q1, k0, k1, device=None):
+        calls.append((q1 - q0) * (k1 - k0))
+        return original(self, q0, q1, k0, k1, device)
+
+    monkeypatch.setattr(masks.Mask, "evaluate", recording)
+    mask = masks.from_function(prefix_lm, 64)
+    first = mask.block_structure(8, 8)
+    assert max(calls) == 8 * 64  # one row of tiles at a time
+    calls.clear()
+    assert mask.block_structure(8, 8) is first and calls == []  # cached on the mask
+
+
+def test_causal_and_padding_evaluate_only_the_tiles_both_cut(monkeypatch):
+    """The built-in kinds give their structure from their parameters; `&` evaluates only
+    the tiles that both operands leave partial (here: where the diagonal meets the padding
+    edge), not all N² pairs."""
+    calls = []
+    original = masks.Mask.evaluate
+
+    def recording(self, q0, q1, k0, k1, device=None):
+        calls.append((q1 - q0) * (k1 - k0))
+        return original(self, q0, q1, k0, k1, device)
+
+    monkeypatch.setattr(masks.Mask, "evaluate", recording)
+    n = 1024
+    mask = masks.causal(n) & masks.padding([n, 700, 300], max_len=n)
+    structure = mask.block_structure(64, 64)
+    assert sum(calls) <= 4 * 64 * 64  # a few tiles, against n² = 1,048,576 pairs
+    monkeypatch.setattr(masks.Mask, "evaluate", original)
+    assert torch.equal(structure, masks.Mask._structure(mask, 64, 64))  # exact all the same
+
+
+def test_window_takes_its_size_by_keyword_only():
+    with pytest.raises(TypeError):
+        masks.sliding_window(64, 16)  # would otherwise read as k_len=16
+    with pytest.raises(TypeError):
+        masks.causal(4, 4, "bottom-right")  # align is keyword-only
+
+
+def test_from_function_refuses_bad_arguments():
+    with pytest.raises(TypeError, match="mask_mod must be callable"):
+        masks.from_function("causal", 4)
+    with pytest.raises(TypeError, match="returned torch.float32"):
+        masks.from_function(lambda b, h, q, k: (q - k).float(), 4).to_dense()
+    with pytest.raises(ValueError, match="heads must be >= 0"):
+        masks.from_function(prefix_lm, 4, heads=-1)
+    with pytest.raises(ValueError, match="different heads sizes"):
+        masks.from_function(prefix_lm, 4, heads=2) & masks.from_function(prefix_lm, 4, heads=3)

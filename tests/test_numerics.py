@@ -211,7 +211,7 @@ def test_fully_masked_rows_at_extreme_logits(kernel, dtype):
     scores are 1e4 (the basic grid of masks is in test_kernels.py)."""
     q64, k64, v64 = _extreme("ties", 1.0)
     q, k, v = (t.to(dtype).requires_grad_() for t in (q64, k64, v64))
-    mask = masks.padding([7, 0], max_len=7, q_len=5) & masks.causal(5, 7, "bottom-right")
+    mask = masks.padding([7, 0], max_len=7, q_len=5) & masks.causal(5, 7, align="bottom-right")
     bias = torch.zeros(5, 7).masked_fill(
         torch.tensor([True, False, False, False, True]).view(5, 1), -math.inf
     )

@@ -532,7 +532,7 @@ def test_masks_refuse_bad_arguments(call, word):
 def test_valid_masks_have_their_documented_shape(q_len, k_len, window, lengths):
     for mask in (
         masks.causal(q_len, k_len),
-        masks.causal(q_len, k_len, "bottom-right"),
+        masks.causal(q_len, k_len, align="bottom-right"),
         masks.sliding_window(q_len, k_len, window=window),
     ):
         assert mask.to_dense().shape == (1, 1, q_len, k_len)

@@ -34,7 +34,7 @@ from multihead.distributed import (
     shard_sequence,
     unshard_sequence,
 )
-from multihead.kernels import tiled
+from multihead.kernels import online_softmax
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -155,7 +155,7 @@ def _error_case(rank: int, world: int, name: str) -> str:
 
 def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
     torch.set_num_threads(1)
-    tiled.BLOCK_Q, tiled.BLOCK_K = 4, 5
+    online_softmax.BLOCK_Q, online_softmax.BLOCK_K = 4, 5
     dist.init_process_group(
         "gloo",
         init_method=f"file://{store}",

@@ -68,7 +68,7 @@ def test_decoding_equals_a_sliding_window_mask(positions_kind, steps: list[int])
     window, total = 3, sum(steps)
     layer = MultiHeadAttention(16, 4, num_kv_heads=2, positions=positions_kind).eval()
     x = torch.randn(2, total, 16)
-    full = layer(x, mask=masks.sliding_window(total, total, window))
+    full = layer(x, mask=masks.sliding_window(total, total, window=window))
     cache = SlidingWindowKVCache(2, 2, window, 4)
     outputs, start = [], 0
     for n in steps:  # past wrap-around: total > window

@@ -13,14 +13,16 @@ import torch
 from conftest import assert_close_to, make_qkv, reference64, to64
 
 from multihead import attention, explain, masks
-from multihead.kernels import tiled
+from multihead.kernels import online_softmax, tiled
 
 CASES = {  # (q_len, k_len, generator) → attention's mask arguments
     "none": lambda q, k, g: {},
     "causal": lambda q, k, g: {"causal": True},
     "causal_bottom_right": lambda q, k, g: {"causal": "bottom-right"},
     "padding_with_empty_row": lambda q, k, g: {"mask": masks.padding([k, 0], k, q_len=q)},
-    "sliding_window": lambda q, k, g: {"mask": masks.sliding_window(q, k, 3, "bottom-right")},
+    "sliding_window": lambda q, k, g: {
+        "mask": masks.sliding_window(q, k, window=3, align="bottom-right")
+    },
     "float_bias": lambda q, k, g: {"mask": torch.randn(2, 1, q, k, generator=g)},
 }
 
@@ -54,40 +56,39 @@ def test_fused_tiles_match_float64_reference(case, dtype, kv_heads, gen):
 def _count_tiles(monkeypatch) -> list[int]:
     """Each call's area: (queries × keys) of the score plane it covered."""
     calls: list[int] = []
-    original = tiled._tile_forward
+    original = online_softmax.tile_forward
 
-    def counting(q, k, *args, **kwargs):
-        calls.append(q.shape[-2] * k.shape[-2])
-        return original(q, k, *args, **kwargs)
+    def counting(tile):
+        calls.append(tile.q.shape[-2] * tile.k.shape[-2])
+        return original(tile)
 
-    monkeypatch.setattr(tiled, "_tile_forward", counting)
+    monkeypatch.setattr(online_softmax, "tile_forward", counting)
     return calls
 
 
 @pytest.mark.parametrize(
-    ("mask", "expected_tiles", "fused_calls"),
+    ("mask", "expected_tiles", "calls"),
     [
-        (None, 8 * 8, 1),  # nothing to skip: one fused call
-        # The diagonal and below: half the work. Each row block's full tiles left of the
-        # diagonal merge into one call (rows 1-7), the cut diagonal tile is its own call.
-        (masks.causal(16), 8 * 9 // 2, 8 + 7),
-        # The diagonal and the one before, both cut by the window: nothing is full to merge.
-        (masks.sliding_window(16, window=2), 8 + 7, 8 + 7),
-        # Documents of 4, 8, 4 tokens on 2-token tiles: every visited tile is full, so each
-        # row block is one run, one call.
-        (masks.documents([0] * 4 + [1] * 8 + [2] * 4), 4 + 16 + 4, 8),
+        (None, 8 * 8, 1),  # nothing to skip: one call
+        # The diagonal and below: half the work. Each row block's visited tiles are one run,
+        # one call, with a mask only on its cut diagonal tile.
+        (masks.causal(16), 8 * 9 // 2, 8),
+        # The diagonal and the one before, both cut by the window: one call per row block.
+        (masks.sliding_window(16, window=2), 8 + 7, 8),
+        # Documents of 4, 8, 4 tokens on 2-token tiles: the row blocks of a document visit
+        # the same keys, so they merge: one call per document.
+        (masks.documents([0] * 4 + [1] * 8 + [2] * 4), 4 + 16 + 4, 3),
     ],
     ids=["dense", "causal", "sliding_window", "documents"],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fused", "unfused"])
-def test_empty_tiles_are_skipped(monkeypatch, mask, expected_tiles, fused_calls, dtype, gen):
-    monkeypatch.setattr(tiled, "BLOCK_K", 2)  # 2x2 tiles: 8x8 of them
-    calls = _count_tiles(monkeypatch)
+def test_empty_tiles_are_skipped(monkeypatch, mask, expected_tiles, calls, dtype, gen):
+    monkeypatch.setattr(online_softmax, "BLOCK_K", 2)  # 2x2 tiles: 8x8 of them
+    areas = _count_tiles(monkeypatch)
     q, k, v = make_qkv(q_len=16, k_len=16, head_dim=4, value_dim=4, dtype=dtype, generator=gen)
     out = attention(q, k, v, mask=mask, kernel="tiled")
-    assert sum(calls) == expected_tiles * 2 * 2  # the work: only the tiles the mask leaves
-    # Written-out tiles: one call per tile. Fused: a run of full tiles is one call.
-    assert len(calls) == (expected_tiles if dtype == torch.float64 else fused_calls)
+    assert sum(areas) == expected_tiles * 2 * 2  # the work: only the tiles the mask leaves
+    assert len(areas) == calls  # fused or written out, a run of visited tiles is one call
     assert_close_to(out, reference64(to64(q), to64(k), to64(v), mask=mask), dtype)
 
 
@@ -95,8 +96,8 @@ def test_empty_tiles_are_skipped(monkeypatch, mask, expected_tiles, fused_calls,
 def test_one_tile_with_a_tensor_mask_matches_float64_reference(monkeypatch, kind, gen):
     """At the default tile size (256) the tiny inputs of the suite fit in one tile: the
     forward is one fused call, and the backward must use the same mask."""
-    monkeypatch.setattr(tiled, "BLOCK_Q", 256)
-    monkeypatch.setattr(tiled, "BLOCK_K", 256)
+    monkeypatch.setattr(online_softmax, "BLOCK_Q", 256)
+    monkeypatch.setattr(online_softmax, "BLOCK_K", 256)
     q, k, v = (t.requires_grad_() for t in make_qkv(generator=gen))
     if kind == "bool":
         mask = torch.rand(5, 7, generator=gen) < 0.6
@@ -139,8 +140,8 @@ def test_returns_the_log_sum_exp(gen):
 
 
 def test_auto_prefers_tiled_for_a_sparse_mask_on_long_sequences(monkeypatch):
-    monkeypatch.setattr(tiled, "BLOCK_Q", 256)
-    monkeypatch.setattr(tiled, "BLOCK_K", 256)
+    monkeypatch.setattr(online_softmax, "BLOCK_Q", 256)
+    monkeypatch.setattr(online_softmax, "BLOCK_K", 256)
     q = torch.zeros(1, 1, 4096, 8)
     line = explain(q, q, q, mask=masks.sliding_window(4096, window=256))
     assert line.startswith("tiled:") and "block skipping" in line

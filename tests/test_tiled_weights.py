@@ -1,4 +1,4 @@
-"""`multihead.attention_weights` (tiled.tiled_weights): the weights of chosen rows and heads,
+"""`multihead.attention_weights` (weights.tiled_weights): the weights of chosen rows and heads,
 recomputed from the tiled kernel's log-sum-exp, equal the float64 reference kernel's weights.
 
 conftest's tiny tiles (2 queries × 3 keys) make each lse the merge of many tiles.
@@ -13,6 +13,7 @@ from conftest import assert_close_to, make_qkv, reference64
 import multihead
 from multihead import masks
 from multihead.kernels import tiled
+from multihead.kernels import weights as weights_module
 
 Q_LEN, K_LEN = 9, 11
 
@@ -25,8 +26,8 @@ CASES = {
         {"mask": masks.padding([K_LEN, 0], K_LEN, q_len=Q_LEN)},
     ),
     "sliding_window": (
-        {"mask": masks.sliding_window(Q_LEN, K_LEN, 3, "bottom-right")},
-        {"mask": masks.sliding_window(Q_LEN, K_LEN, 3, "bottom-right")},
+        {"mask": masks.sliding_window(Q_LEN, K_LEN, window=3, align="bottom-right")},
+        {"mask": masks.sliding_window(Q_LEN, K_LEN, window=3, align="bottom-right")},
     ),
     "softcap_causal": (
         {"mask": masks.causal(Q_LEN, K_LEN), "softcap": 2.0},
@@ -76,7 +77,7 @@ def test_empty_rows_get_zero_weights_and_others_sum_to_one(gen):
     q, k, v = make_qkv(q_len=Q_LEN, k_len=K_LEN, generator=gen)
     mask = masks.padding([K_LEN, 0], K_LEN, q_len=Q_LEN) & masks.causal(Q_LEN, K_LEN)
     _, lse = tiled.tiled_attention(q, k, v, mask=mask)
-    weights = tiled.tiled_weights(q, k, lse, rows=slice(0, 4), mask=mask)
+    weights = weights_module.tiled_weights(q, k, lse, rows=slice(0, 4), mask=mask)
     assert torch.isfinite(weights).all()
     assert (weights[1] == 0).all()
     torch.testing.assert_close(weights[0].sum(-1), torch.ones(4, 4))
@@ -93,7 +94,7 @@ def test_dense_bias_with_a_structured_mask(kind, gen):
     causal = masks.causal(Q_LEN, K_LEN)
     _, lse = tiled.tiled_attention(q, k, v, mask=causal, bias=bias)
     rows, heads = torch.tensor([4, 7]), slice(1, 4)
-    got = tiled.tiled_weights(q, k, lse, rows=rows, heads=heads, mask=causal, bias=bias)
+    got = weights_module.tiled_weights(q, k, lse, rows=rows, heads=heads, mask=causal, bias=bias)
     expected = _expected(q, k, v, rows, heads, mask=bias, causal=True)
     assert_close_to(got, expected, torch.float32)
 
@@ -102,7 +103,7 @@ def test_float64_is_exact_and_differentiable(gen):
     q, k, v = make_qkv(q_len=Q_LEN, k_len=K_LEN, dtype=torch.float64, generator=gen)
     _, lse = tiled.tiled_attention(q, k, v, mask=masks.causal(Q_LEN, K_LEN))
     q.requires_grad_()
-    got = tiled.tiled_weights(q, k, lse, heads=[2], mask=masks.causal(Q_LEN, K_LEN))
+    got = weights_module.tiled_weights(q, k, lse, heads=[2], mask=masks.causal(Q_LEN, K_LEN))
     assert got.dtype == torch.float64
     assert_close_to(got, _expected(q, k, v, None, [2], causal=True), torch.float64)
     got.sum().backward()
@@ -113,14 +114,14 @@ def test_only_the_requested_scores_are_built(monkeypatch, gen):
     q, k, v = make_qkv(q_len=64, k_len=64, generator=gen)
     _, lse = tiled.tiled_attention(q, k, v)
     shapes = []
-    original = tiled._scores
+    original = weights_module._scores
 
     def recording(q, k, *args):
         shapes.append((q.shape[1], q.shape[2], k.shape[2]))
         return original(q, k, *args)
 
-    monkeypatch.setattr(tiled, "_scores", recording)
-    weights = tiled.tiled_weights(q, k, lse, rows=slice(10, 13), heads=[1])
+    monkeypatch.setattr(weights_module, "_scores", recording)
+    weights = weights_module.tiled_weights(q, k, lse, rows=slice(10, 13), heads=[1])
     assert weights.shape == (2, 1, 3, 64)
     assert shapes == [(1, 3, 64)]
 
@@ -129,10 +130,10 @@ def test_bad_arguments_are_refused(gen):
     q, k, v = make_qkv(q_len=Q_LEN, k_len=K_LEN, generator=gen)
     _, lse = tiled.tiled_attention(q, k, v)
     with pytest.raises(ValueError, match="lse has shape"):
-        tiled.tiled_weights(q, k, lse[..., :-1])
+        weights_module.tiled_weights(q, k, lse[..., :-1])
     with pytest.raises(TypeError, match="rows must be"):
-        tiled.tiled_weights(q, k, lse, rows=torch.tensor([0.5]))
+        weights_module.tiled_weights(q, k, lse, rows=torch.tensor([0.5]))
     with pytest.raises(ValueError, match="heads must be in"):
-        tiled.tiled_weights(q, k, lse, heads=[4])
+        weights_module.tiled_weights(q, k, lse, heads=[4])
     with pytest.raises(ValueError, match="mask is"):
-        tiled.tiled_weights(q, k, lse, mask=masks.causal(Q_LEN))
+        weights_module.tiled_weights(q, k, lse, mask=masks.causal(Q_LEN))

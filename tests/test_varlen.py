@@ -114,9 +114,9 @@ def test_dropout_is_reproducible_and_finite(gen) -> None:
 
 def test_mask_is_block_diagonal_and_tiles_between_sequences_are_skipped() -> None:
     mask = masks.varlen(torch.tensor([0, 4, 8]))
-    structure = mask.block_structure(4, 4)[0]
+    structure = mask.block_structure(4, 4)[0, 0]
     assert structure.tolist() == [[FULL, EMPTY], [EMPTY, FULL]]
-    causal = masks.varlen(torch.tensor([0, 4, 8]), causal=True).block_structure(4, 4)[0]
+    causal = masks.varlen(torch.tensor([0, 4, 8]), causal=True).block_structure(4, 4)[0, 0]
     assert causal[0, 1] == EMPTY and causal[1, 0] == EMPTY
 
 
@@ -132,7 +132,7 @@ def test_mask_equals_per_sequence_blocks(lengths: list[tuple[int, int]], causal:
     for lq, lk in lengths:
         block = torch.ones(lq, lk, dtype=torch.bool)
         if causal:
-            block = masks.causal(lq, lk, "bottom-right").to_dense()[0, 0]
+            block = masks.causal(lq, lk, align="bottom-right").to_dense()[0, 0]
         expected[q0 : q0 + lq, k0 : k0 + lk] = block
         q0, k0 = q0 + lq, k0 + lk
     assert torch.equal(dense, expected)

@@ -8,7 +8,7 @@ from . import compat, masks
 from .cache import CrossAttentionCache, KVCache, SlidingWindowKVCache
 from .distributed import RingAttention, ring_attention
 from .functional import attention, explain
-from .kernels.tiled import tiled_weights as attention_weights
+from .kernels.weights import tiled_weights as attention_weights
 from .masks import Mask
 from .models import LMConfig, Seq2SeqConfig, Seq2SeqTransformer, TransformerLM
 from .multi_head_attention import MultiHeadAttention

@@ -14,14 +14,16 @@ import torch
 from torch import Tensor
 
 from . import masks as masks_lib
-from .kernels import KERNELS, Request
+from .kernels import KERNELS, Kernel, Request
 from .kernels.base import bad_queries
 from .masks import Mask
+from .score_mods import ScoreMod, ScoreModFn, as_score_mod, chain
+from .score_mods import softcap as softcap_mod
 
 CausalArg = bool | Literal["top-left", "bottom-right"]
 KernelArg = Literal["auto", "reference", "sdpa", "tiled"]
 
-__all__ = ["attention", "explain", "select_kernel"]
+__all__ = ["attention", "check_mask", "explain", "select_kernel"]
 
 
 def _check_qkv(query: object, key: object, value: object) -> tuple[Tensor, Tensor, Tensor]:
@@ -66,7 +68,7 @@ def _check_qkv(query: object, key: object, value: object) -> tuple[Tensor, Tenso
     return query, key, value
 
 
-def _check_mask(mask: object, query: Tensor, key: Tensor) -> Mask | Tensor | None:
+def check_mask(mask: object, query: Tensor, key: Tensor) -> Mask | Tensor | None:
     """Check a mask against the inputs; a tensor comes back as (batch|1, heads|1, q_len, k_len)."""
     if mask is None:
         return None
@@ -80,6 +82,8 @@ def _check_mask(mask: object, query: Tensor, key: Tensor) -> Mask | Tensor | Non
             )
         if mask.batch is not None and mask.batch != batch:
             raise ValueError(f"mask was built for batch size {mask.batch} but query has {batch}")
+        if mask.heads is not None and mask.heads != heads:
+            raise ValueError(f"mask was built for {mask.heads} heads but query has {heads}")
         return mask
     if not isinstance(mask, Tensor):
         raise TypeError(
@@ -164,9 +168,10 @@ def _request(
     softcap: object,
     return_weights: bool,
     check_finite: object = False,
+    score_mod: object = None,
 ) -> Request:
     query, key, value = _check_qkv(query, key, value)
-    checked = _check_mask(mask, query, key)
+    checked = check_mask(mask, query, key)
     structured = checked if isinstance(checked, Mask) else None
     bias = checked if isinstance(checked, Tensor) else None
     align = _causal_alignment(causal)
@@ -192,7 +197,7 @@ def _request(
     if align == "bottom-right" and q_len == 1:
         align = None
     if align is not None:
-        causal_mask = masks_lib.causal(q_len, k_len, align)
+        causal_mask = masks_lib.causal(q_len, k_len, align=align)
         # A plain top-left causal mask is SDPA's fast path: no mask tensor is built.
         is_causal = structured is None and bias is None and align == "top-left"
         structured = causal_mask if structured is None else structured & causal_mask
@@ -205,7 +210,10 @@ def _request(
         is_causal=is_causal,
         scale=float(scale) if scale is not None else 1.0 / math.sqrt(query.shape[-1]),
         dropout_p=float(dropout_p),
-        softcap=float(softcap) if softcap is not None else None,
+        score_mod=chain(
+            as_score_mod(score_mod),  # type: ignore[arg-type]
+            softcap_mod(float(softcap)) if softcap is not None else None,
+        ),
         return_weights=return_weights,
     )
     if check_finite:
@@ -213,12 +221,11 @@ def _request(
     return request
 
 
-def select_kernel(request: Request, kernel: str = "auto"):
-    """The kernel module that will run ``request``; raises if an explicit choice cannot."""
+def select_kernel(request: Request, kernel: str = "auto") -> Kernel:
+    """The kernel that will run ``request``; raises if an explicit choice cannot."""
     if kernel == "auto":
         for module in KERNELS.values():
-            prefer = getattr(module, "preferred", None)
-            if prefer is not None and prefer(request) is not None:
+            if module.preferred(request) is not None:
                 return module
         for module in KERNELS.values():
             if module.unsupported(request) is None:
@@ -243,6 +250,7 @@ def attention(
     scale: float | None = ...,
     dropout_p: float = ...,
     softcap: float | None = ...,
+    score_mod: ScoreModFn | ScoreMod | None = ...,
     return_weights: Literal[False] = ...,
     kernel: KernelArg = ...,
     check_finite: bool = ...,
@@ -260,6 +268,7 @@ def attention(
     scale: float | None = ...,
     dropout_p: float = ...,
     softcap: float | None = ...,
+    score_mod: ScoreModFn | ScoreMod | None = ...,
     return_weights: Literal[True],
     kernel: KernelArg = ...,
     check_finite: bool = ...,
@@ -276,6 +285,7 @@ def attention(
     scale: float | None = None,
     dropout_p: float = 0.0,
     softcap: float | None = None,
+    score_mod: ScoreModFn | ScoreMod | None = None,
     return_weights: bool = False,
     kernel: KernelArg = "auto",
     check_finite: bool = False,
@@ -292,7 +302,11 @@ def attention(
             query sees every key: decoding after a cache). Combined with ``mask``.
         scale: score scale, default 1/sqrt(head_dim).
         dropout_p: dropout on the attention weights (pass 0 at evaluation).
-        softcap: if set, scores become softcap·tanh(scores/softcap).
+        softcap: if set, scores become softcap·tanh(scores/softcap) (after ``score_mod``).
+        score_mod: FlexAttention's ``score_mod(score, b, h, q_idx, kv_idx) -> score``, applied
+            to the scaled scores before the mask: a plain function, or a `ScoreMod` from
+            `multihead.score_mods` (ALiBi, T5's relative bias, soft-capping), which the tiled
+            kernel computes per tile, so no N×N bias is built.
         return_weights: also return the weights (batch, heads, q_len, k_len).
         kernel: "auto" (fastest that supports the call), "sdpa" or "reference".
         check_finite: first scan the inputs and raise ValueError, naming the argument, if
@@ -310,8 +324,9 @@ def attention(
     stops (or skips) on what follows.
     """
     request = _request(
-        query, key, value, mask, causal, scale, dropout_p, softcap, return_weights, check_finite
-    )
+        query, key, value, mask, causal, scale, dropout_p, softcap, return_weights, check_finite,
+        score_mod,
+    )  # fmt: skip
     chosen = select_kernel(request, kernel)  # validates ``kernel`` even when keys are empty
     if request.k_len == 0:  # nothing to attend to: every row is fully masked
         query = request.query
@@ -337,20 +352,21 @@ def explain(
     scale: float | None = None,
     dropout_p: float = 0.0,
     softcap: float | None = None,
+    score_mod: ScoreModFn | ScoreMod | None = None,
     return_weights: bool = False,
     kernel: KernelArg = "auto",
     check_finite: bool = False,
 ) -> str:
     """One line: which kernel `attention` runs for these arguments, and why."""
     request = _request(
-        query, key, value, mask, causal, scale, dropout_p, softcap, return_weights, check_finite
-    )
+        query, key, value, mask, causal, scale, dropout_p, softcap, return_weights, check_finite,
+        score_mod,
+    )  # fmt: skip
     chosen = select_kernel(request, kernel)
     if request.k_len == 0:
         return "none: the keys are empty, so the output is zeros"
     line = chosen.explain(request)
-    prefer = getattr(chosen, "preferred", None)
-    reason = prefer(request) if kernel == "auto" and prefer is not None else None
+    reason = chosen.preferred(request) if kernel == "auto" else None
     if reason is not None:
         line += f", chosen because {reason}"
     elif kernel == "auto":

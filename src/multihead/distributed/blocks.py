@@ -1,8 +1,8 @@
 """One block of ring attention: a rank's queries against one key/value shard.
 
-The block runs on the tiled kernel's tiles (`multihead.kernels.tiled`), so its memory is
-linear in the shard length, a causal block skips its empty tiles, and a run of full tiles
-is one call of torch's fused CPU kernel. Unlike the tiled
+The block runs on the online-softmax engine (`multihead.kernels.online_softmax`), as the
+tiled kernel does, so its memory is linear in the shard length, a causal block skips its
+empty tiles, and a run of full tiles is one call of torch's fused CPU kernel. Unlike the tiled
 kernel's autograd Function, the backward takes the *global* output and log-sum-exp of the
 query rows (after every shard has been merged): then each block's probabilities are exactly
 its slice of the softmax, and the blocks' gradients add up to the true ones.
@@ -13,14 +13,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import masks
-from ..kernels import tiled
+from .. import masks, score_mods
+from ..kernels import online_softmax as engine
+from ..kernels.online_softmax import Plan
+from ..score_mods import ScoreMod
 
 
-def _tiling(q_len: int, k_len: int, causal: bool) -> tiled.Tiling:
-    # Read at call time, so a test can shrink the tiles.
+def _plan(q_len: int, k_len: int, causal: bool) -> Plan:
     mask = masks.causal(q_len, k_len) if causal else None
-    return tiled.Tiling.build(q_len, k_len, mask, None, tiled.BLOCK_Q, tiled.BLOCK_K)
+    return Plan.build(q_len, k_len, mask, None)
+
+
+def _mod(softcap: float | None) -> ScoreMod | None:
+    return score_mods.softcap(softcap) if softcap is not None else None
 
 
 def block_forward(
@@ -36,17 +41,13 @@ def block_forward(
 ) -> None:
     """Fold this block's keys into the running ``out`` (B, H, q, Dv) and ``lse`` (B, H, q, 1)
     of ``query``, in place (fp32, or fp64 for fp64 inputs). ``causal``: the block sits on
-    the diagonal (query i of the block sees its keys 0..i). Only a row of tiles is held at
-    a time, never a block-sized temporary."""
-    tiling = _tiling(query.shape[2], key.shape[2], causal)
-    for i, (q0, q1) in enumerate(tiled._blocks(query.shape[2], tiling.block_q)):
-        outs, lses, _ = tiled.row_tiles(query, key, value, tiling, i, scale, softcap)
-        if len(outs) > 1:
-            row_out, row_lse = torch.empty_like(outs[0]), torch.empty_like(lses[0])
-            tiled._merge(outs, lses, row_out, row_lse)
-            merge_into(out[..., q0:q1, :], lse[..., q0:q1, :], row_out, row_lse)
-        elif outs:
-            merge_into(out[..., q0:q1, :], lse[..., q0:q1, :], outs[0], lses[0])
+    the diagonal (query i of the block sees its keys 0..i). Memory stays linear in the
+    shard length: the engine holds one row block's spans at a time."""
+    block_out = torch.zeros_like(out)
+    block_lse = torch.full_like(lse, -torch.inf)
+    plan = _plan(query.shape[2], key.shape[2], causal)
+    engine.attend_rows(query, key, value, plan, block_out, block_lse, _mod(softcap), scale)
+    merge_into(out, lse, block_out, block_lse)
 
 
 def block_backward(
@@ -67,9 +68,9 @@ def block_backward(
     """Add this block's share of the gradients to ``d_query``, ``d_key`` and ``d_value`` (in
     lse's dtype), in place; d_key and d_value are summed over each key/value head's query
     group (GQA). ``output`` and ``lse`` are the global ones of the query rows."""
-    tiled.accumulate_gradients(
-        grad_output, query, key, value, output, lse, d_query, d_key, d_value,
-        _tiling(query.shape[2], key.shape[2], causal), scale, softcap,
+    engine.accumulate_gradients(
+        grad_output, query, key, value, output, lse, (d_query, d_key, d_value),
+        _plan(query.shape[2], key.shape[2], causal), _mod(softcap), scale,
     )  # fmt: skip
 
 

@@ -1,18 +1,36 @@
-"""Attention kernels: each module has NAME, unsupported, forward and explain (of a Request).
+"""Attention kernels behind `multihead.attention`, each a `Kernel`.
 
 ``auto`` runs a kernel whose ``preferred(request)`` gives a reason if there is one, else the
 first in KERNELS order that supports the request; the reference kernel supports everything.
 """
 
-from types import ModuleType
+from typing import Protocol
+
+from torch import Tensor
 
 from . import reference, sdpa, tiled
 from .base import Request
 
-KERNELS: dict[str, ModuleType] = {
-    sdpa.NAME: sdpa,
-    reference.NAME: reference,
-    tiled.NAME: tiled,
+
+class Kernel(Protocol):
+    """What a kernel answers: its name, why it cannot or should run a request, the
+    computation, and one line for `multihead.explain`."""
+
+    NAME: str
+
+    def unsupported(self, request: Request) -> str | None: ...
+
+    def preferred(self, request: Request) -> str | None: ...
+
+    def forward(self, request: Request) -> tuple[Tensor, Tensor | None]: ...
+
+    def explain(self, request: Request) -> str: ...
+
+
+KERNELS: dict[str, Kernel] = {
+    sdpa.NAME: sdpa,  # type: ignore[dict-item]
+    reference.NAME: reference,  # type: ignore[dict-item]
+    tiled.NAME: tiled,  # type: ignore[dict-item]
 }
 
-__all__ = ["KERNELS", "Request", "reference", "sdpa", "tiled"]
+__all__ = ["KERNELS", "Kernel", "Request", "reference", "sdpa", "tiled"]

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ..masks import Mask
+from ..score_mods import ScoreMod
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class Request:
     is_causal: bool
     scale: float
     dropout_p: float
-    softcap: float | None
+    score_mod: ScoreMod | None
     return_weights: bool
 
     @property
@@ -61,12 +62,18 @@ class Request:
         """
         if self.is_causal or self.structured is None:
             return self.bias
-        dense = self.structured.to_dense(self.query.device)
-        if self.bias is None:
-            return dense
-        if self.bias.dtype == torch.bool:
-            return self.bias & dense
-        return self.bias.masked_fill(~dense, -torch.inf)
+        return combine_masks(self.structured.to_dense(self.query.device), self.bias)
+
+
+def combine_masks(allowed: Tensor | None, bias: Tensor | None) -> Tensor | None:
+    """The one place a structured mask's tensor (bool, True = may attend) and a tensor mask
+    (bool, or a float bias to add) become one: bool when both are bool, else a float bias
+    with −inf where ``allowed`` is False. Shapes broadcast; None is "no mask"."""
+    if allowed is None or bias is None:
+        return allowed if bias is None else bias
+    if bias.dtype == torch.bool:
+        return bias & allowed
+    return bias.masked_fill(~allowed, -torch.inf)
 
 
 # -- Non-finite input ------------------------------------------------------------------------

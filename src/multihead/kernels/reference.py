@@ -23,6 +23,22 @@ def unsupported(request: Request) -> str | None:
     return None
 
 
+def preferred(request: Request) -> str | None:
+    """The reference kernel runs when another cannot, or when asked for by name."""
+    return None
+
+
+def score_indices(shape: torch.Size, device: torch.device) -> tuple[Tensor, ...]:
+    """(b, h, q_idx, kv_idx) for a (B, H, Q, K) score matrix, shaped for broadcasting."""
+    batch, heads, q_len, k_len = shape
+    return (
+        torch.arange(batch, device=device).view(-1, 1, 1, 1),
+        torch.arange(heads, device=device).view(1, -1, 1, 1),
+        torch.arange(q_len, device=device).view(1, 1, -1, 1),
+        torch.arange(k_len, device=device).view(1, 1, 1, -1),
+    )
+
+
 def causal_mask(q_len: int, k_len: int, device: torch.device) -> Tensor:
     """Top-left causal: query i sees keys 0..i."""
     return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril()
@@ -68,8 +84,10 @@ def forward(request: Request) -> tuple[Tensor, Tensor | None]:
 
     # 1. Scores: how well each query matches each key, scaled by 1/sqrt(d_k).
     scores = (q * request.scale) @ k.transpose(-2, -1)  # (B, Hkv, G, Q, K)
-    if request.softcap is not None:
-        scores = request.softcap * torch.tanh(scores / request.softcap)
+    if request.score_mod is not None:  # ALiBi, a relative bias, soft-capping, ...
+        flat = scores.flatten(1, 2)  # (B, H, Q, K)
+        modified = request.score_mod(flat, *score_indices(flat.shape, flat.device))
+        scores = modified.unflatten(1, scores.shape[1:3])
 
     # 2. Mask: keys a query may not see get -inf (a float mask is added as a bias).
     if request.is_causal:
@@ -105,7 +123,7 @@ def explain(request: Request) -> str:
     why = []
     if request.return_weights:
         why.append("the attention weights were requested")
-    if request.softcap is not None:
-        why.append("logit soft-capping needs the scores")
+    if request.score_mod is not None:
+        why.append(f"the score mod {request.score_mod.name} needs the scores")
     reason = " and ".join(why) or "chosen explicitly"
     return f"reference: the textbook formula with the full score matrix ({reason})"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -11,12 +12,14 @@ from .base import (
     causal_rows_seeing,
     clean_keys,
     clean_queries,
+    combine_masks,
     nan_keys,
     nan_rows,
     needs_grad,
     poison_without_mask,
     rows_seeing,
 )
+from .reference import causal_mask, score_indices
 
 NAME = "sdpa"
 
@@ -25,8 +28,14 @@ def unsupported(request: Request) -> str | None:
     """Why SDPA cannot serve this request, or None if it can."""
     if request.return_weights:
         return "it does not return attention weights"
-    if request.softcap is not None:
-        return "it has no logit soft-capping"
+    mod = request.score_mod
+    if mod is not None and not mod.additive:
+        return f"it takes no score mod other than an added bias ({mod.name})"
+    return None
+
+
+def preferred(request: Request) -> str | None:
+    """SDPA is the default choice, never preferred over the others' reasons."""
     return None
 
 
@@ -54,7 +63,20 @@ def forward(request: Request) -> tuple[Tensor, None]:
 
 
 def _attend(request: Request, query: Tensor, key: Tensor) -> Tensor:
-    mask = request.mask
+    mask, is_causal = request.mask, request.is_causal
+    if request.score_mod is not None:  # an additive score mod, as a dense bias
+        shape = torch.Size((1, request.num_heads, request.q_len, request.k_len))
+        _, h, q, k = score_indices(shape, query.device)
+        compute = torch.float64 if query.dtype == torch.float64 else torch.float32
+        bias = request.score_mod.bias(h, q, k).to(compute)
+        if is_causal:  # SDPA takes a mask or is_causal, not both
+            mask, is_causal = causal_mask(request.q_len, request.k_len, query.device), False
+        if mask is None:
+            mask = bias
+        elif mask.dtype == torch.bool:
+            mask = combine_masks(mask, bias)
+        else:
+            mask = mask + bias
     if mask is not None and mask.dtype.is_floating_point:
         mask = mask.to(query.dtype)  # SDPA wants the bias in the query's dtype
     return F.scaled_dot_product_attention(
@@ -63,7 +85,7 @@ def _attend(request: Request, query: Tensor, key: Tensor) -> Tensor:
         request.value,
         attn_mask=mask,
         dropout_p=request.dropout_p,
-        is_causal=request.is_causal,
+        is_causal=is_causal,
         scale=request.scale,
         enable_gqa=request.num_kv_heads != request.num_heads,
     )
@@ -83,4 +105,5 @@ def explain(request: Request) -> str:
         if request.num_kv_heads != request.num_heads
         else ""
     )
-    return f"sdpa: torch.nn.functional.scaled_dot_product_attention, {how}{gqa}"
+    mod = f", score mod {request.score_mod.name} as a dense bias" if request.score_mod else ""
+    return f"sdpa: torch.nn.functional.scaled_dot_product_attention, {how}{gqa}{mod}"
