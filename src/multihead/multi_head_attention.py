@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from . import masks as masks_lib
 from .cache import CrossAttentionCache, KVCache, SlidingWindowKVCache
-from .functional import CausalArg, _check_mask, attention
+from .functional import CausalArg, attention, check_mask
 from .masks import Mask
 from .positional import ALiBi, RelativePositionBias, RotaryEmbedding
 from .varlen import attention_varlen
@@ -429,7 +429,9 @@ class MultiHeadAttention(nn.Module):
         if isinstance(cache, SlidingWindowKVCache):
             q_len, k_len = q.shape[2], k.shape[2]
             if q_len > 1 or k_len > cache.window:  # else one query sees every key returned
-                window = masks_lib.sliding_window(q_len, k_len, cache.window, "bottom-right")
+                window = masks_lib.sliding_window(
+                    q_len, k_len, window=cache.window, align="bottom-right"
+                )
         bias = self._position_bias(q.shape[2], k.shape[2], q.dtype)
         mask = _merge_masks(mask, window, bias, q, k)
 
@@ -534,7 +536,7 @@ def _merge_masks(
     """
     if window is None and bias is None:
         return mask
-    mask = _check_mask(mask, q, k)  # the caller's mask is checked before it is combined
+    mask = check_mask(mask, q, k)  # the caller's mask is checked before it is combined
     if bias is None:
         if mask is None or isinstance(mask, Mask):
             return window if mask is None else mask & window
