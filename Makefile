@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test test-deps bench lint format clean train-translate train-image \
-	train-speech train-image-ddp train-image-splits contender-translate contender-image contender-speech
+	train-speech train-image-ddp train-image-splits contender-translate contender-image contender-speech \
+	gpu-check
 
 setup: $(STAMP)
 
@@ -99,6 +100,33 @@ bench: setup
 	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/bench_scale.py
 	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/bench_ring.py
 	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/bench_ddp.py
+
+# On a machine with an NVIDIA GPU: gpu_tests/ (every kernel on cuda in fp32/bf16/fp16 against a
+# float64 CPU oracle, masks, GQA, varlen, forward and backward; compat against
+# nn.MultiheadAttention; KV-cache decoding; training steps; empty rows; no host sync in the
+# layer's forward), then benchmarks/bench_gpu.py (→ results/gpu.json, gpu.png; also copied to
+# $OUT when set). GPU_PY is used as it is when it imports torch (no setup, no network needed);
+# otherwise the venv. Fails, saying so, when no CUDA device is visible.
+GPU_PY ?= python3
+
+gpu-check:
+	@py="$(GPU_PY)"; \
+	if ! $$py -c "import torch" >/dev/null 2>&1; then \
+	  echo "gpu-check: $$py cannot import torch; using $(PY) (make setup)"; \
+	  $(MAKE) setup || exit 1; py="$(PY)"; \
+	fi; \
+	if command -v nvidia-smi >/dev/null; then nvidia-smi; else echo "gpu-check: no nvidia-smi"; fi; \
+	$$py -c "import sys, torch; ok = torch.cuda.is_available(); \
+	print('gpu-check: torch', torch.__version__, '(CUDA build', torch.version.cuda, end='), '); \
+	print(torch.cuda.get_device_name(0) if ok else 'no CUDA device visible'); sys.exit(0 if ok else 1)" \
+	  || { echo "gpu-check: FAILED: no CUDA device is visible to $$py (torch.cuda.is_available()" \
+	    "is False): run it on a machine with an NVIDIA GPU and a CUDA build of torch," \
+	    "or name one with GPU_PY=/path/to/python" >&2; exit 1; }; \
+	status=0; \
+	PYTHONPATH=src $$py -m pytest gpu_tests -o addopts= -q -rs -p no:cacheprovider || status=1; \
+	PYTHONPATH=src $$py benchmarks/bench_gpu.py || status=1; \
+	if [ $$status -ne 0 ]; then echo "gpu-check: FAILED (see above)" >&2; fi; \
+	exit $$status
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
