@@ -243,7 +243,8 @@ DEFAULTS = Defaults(
 
 def build_parser() -> argparse.ArgumentParser:
     """The shared training flags (`common`) and the speech app's own."""
-    p = common.build_parser("multihead.apps.speech.train", __doc__ or "", DEFAULTS)
+    summary = (__doc__ or "").split("\n\n")[0]
+    p = common.build_parser("python -m multihead.apps.speech.train", summary, DEFAULTS)
     own = p.add_argument_group("speech")
     arg = own.add_argument
     arg("--batch-size", type=int, default=32)
