@@ -249,9 +249,10 @@ def test_generated_tokens_stay_in_the_nucleus() -> None:
             assert out[row, t].item() in nucleus(logits[row, t - 1], 0.6)
 
 
-def test_cached_and_recomputed_generation_agree_past_the_window() -> None:
+@pytest.mark.parametrize("positions", ["rope", "alibi", "learned"])
+def test_cached_and_recomputed_generation_agree_past_the_window(positions: str) -> None:
     torch.manual_seed(8)
-    model = modern(window=4, num_kv_heads=2, max_len=32).double()
+    model = modern(window=4, num_kv_heads=2, max_len=32, positions=positions).double()
     prompt = torch.randint(0, VOCAB, (2, 6))
     cached = model.generate(prompt, max_new_tokens=20)
     assert torch.equal(cached, model.generate(prompt, max_new_tokens=20, use_cache=False))
