@@ -7,15 +7,122 @@ of them, for models that attend to a window (Mistral, Gemma): memory stays fixed
 the generation. `CrossAttentionCache` holds the encoder memory's keys and values, which do
 not change while decoding, so they are projected once per source.
 
+Each implements `AttentionCache`, all that `MultiHeadAttention` asks of a cache: what to
+project keys and values from, the position of the new queries, appending the new keys and
+returning what the queries attend to (in the order the cache chooses), and the mask that goes
+with it. `NoCache` is the same interface for a call without a cache.
+
 Tensors are (batch, kv_heads, seq, head_dim), as everywhere inside the library.
 """
 
 from __future__ import annotations
 
+from typing import Literal, Protocol, runtime_checkable
+
 import torch
 from torch import Tensor
 
-__all__ = ["CrossAttentionCache", "KVCache", "SlidingWindowKVCache"]
+from . import masks as masks_lib
+from .masks import Mask
+
+__all__ = [
+    "AttentionCache",
+    "CrossAttentionCache",
+    "KVCache",
+    "NoCache",
+    "SlidingWindowKVCache",
+]
+
+CausalArg = bool | Literal["top-left", "bottom-right"]
+
+
+@runtime_checkable
+class AttentionCache(Protocol):
+    """What `MultiHeadAttention` asks of a cache, in the order it asks.
+
+    - ``prepare(query, key, value, causal)``: the inputs to project keys and values from
+      (None where the cache holds them already) and the causal alignment of the new queries;
+      refuses what the cache cannot serve.
+    - ``offset``: the absolute position of the first new query (RoPE's offset).
+    - ``update(key, value, mask=, position_bias=, weights=)``: store the new keys and values
+      (projected, split into heads, rotated) and return all the queries attend to. The cache
+      picks the order of the keys; the arguments say what reads keys by their place (a
+      caller's mask, a position bias such as ALiBi or T5's, weights handed back).
+    - ``mask(q_len, k_len)``: the cache's own mask over what ``update`` returned (a sliding
+      window), or None.
+    """
+
+    @property
+    def offset(self) -> int: ...
+
+    def prepare(
+        self, query: Tensor, key: Tensor | None, value: Tensor | None, causal: CausalArg
+    ) -> tuple[Tensor | None, Tensor | None, CausalArg]: ...
+
+    def update(
+        self,
+        key: Tensor | None,
+        value: Tensor | None,
+        *,
+        mask: object = None,
+        position_bias: bool = False,
+        weights: bool = False,
+    ) -> tuple[Tensor, Tensor]: ...
+
+    def mask(self, q_len: int, k_len: int) -> Mask | None: ...
+
+
+class NoCache:
+    """`AttentionCache` for a call without a cache: keys and values come from the inputs
+    (``key`` defaults to ``query``, ``value`` to ``key``) and nothing is stored."""
+
+    offset = 0
+
+    def prepare(
+        self, query: Tensor, key: Tensor | None, value: Tensor | None, causal: CausalArg
+    ) -> tuple[Tensor | None, Tensor | None, CausalArg]:
+        key = query if key is None else key
+        return key, key if value is None else value, causal
+
+    def update(
+        self,
+        key: Tensor | None,
+        value: Tensor | None,
+        *,
+        mask: object = None,
+        position_bias: bool = False,
+        weights: bool = False,
+    ) -> tuple[Tensor, Tensor]:
+        assert key is not None and value is not None
+        return key, value
+
+    def mask(self, q_len: int, k_len: int) -> Mask | None:
+        return None
+
+    def __repr__(self) -> str:
+        return "NoCache()"
+
+
+NO_CACHE = NoCache()
+
+
+class _SelfAttentionCache:
+    """What KVCache and SlidingWindowKVCache share: the new tokens are the queries, whose keys
+    and values are appended; causal=True means bottom-right (they come after the cached ones)."""
+
+    def prepare(
+        self, query: Tensor, key: Tensor | None, value: Tensor | None, causal: CausalArg
+    ) -> tuple[Tensor | None, Tensor | None, CausalArg]:
+        if any(x is not None and x is not query for x in (key, value)):
+            raise ValueError(
+                f"a {type(self).__name__} is for self-attention: pass key=None and value=None"
+            )
+        if causal == "top-left":
+            raise ValueError(
+                f"causal='top-left' is wrong with a {type(self).__name__} (the new queries come "
+                "after the cached keys); pass causal=True or 'bottom-right'"
+            )
+        return query, query, "bottom-right" if causal else False
 
 
 def _buffers(
@@ -34,7 +141,7 @@ def _buffers(
     )
 
 
-class KVCache:
+class KVCache(_SelfAttentionCache):
     """One self-attention layer's keys and values so far, in preallocated buffers.
 
     The buffers are (batch, kv_heads, max_len, head_dim) and are written in place, so
@@ -58,6 +165,27 @@ class KVCache:
     @property
     def max_len(self) -> int:
         return self.keys.shape[2]
+
+    @property
+    def offset(self) -> int:
+        """The absolute position of the next token: how many are cached."""
+        return self.length
+
+    def update(
+        self,
+        key: Tensor | None,
+        value: Tensor | None,
+        *,
+        mask: object = None,
+        position_bias: bool = False,
+        weights: bool = False,
+    ) -> tuple[Tensor, Tensor]:
+        """`append` (the keys are always in order: they are the buffer's prefix)."""
+        assert key is not None and value is not None
+        return self.append(key, value)
+
+    def mask(self, q_len: int, k_len: int) -> Mask | None:
+        return None
 
     def append(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
         """Write ``key``/``value`` (batch, kv_heads, new, head_dim) after the cached ones.
@@ -104,7 +232,7 @@ class KVCache:
         return f"KVCache(batch={b}, kv_heads={h}, length={self.length}/{m}, head_dim={d})"
 
 
-class SlidingWindowKVCache:
+class SlidingWindowKVCache(_SelfAttentionCache):
     """The last ``window`` keys and values of one self-attention layer, in a ring buffer.
 
     Position p is stored in slot p % window, so a step overwrites the oldest entry instead of
@@ -115,12 +243,12 @@ class SlidingWindowKVCache:
     `append` returns the keys still visible to the new queries in chronological order: the
     last ``window − 1`` cached ones, then the new ones. A query at absolute position p sees
     keys p − window + 1 .. p, which is ``masks.sliding_window(q_len, k_len, window,
-    align="bottom-right")`` over what `append` returns (all of it for a single new token).
-    `MultiHeadAttention` applies that mask itself when given this cache. Chronological order
-    costs a copy of the window per step; it keeps the relative distances that ALiBi and
-    relative biases read from (q_len, k_len) right. Where nothing reads the key order (one
-    new token, no mask, no score bias, no weights), the layer asks for ``ordered=False`` and
-    attends over the buffer as it lies.
+    align="bottom-right")`` over what `append` returns (all of it for a single new token):
+    `mask` gives it to `MultiHeadAttention`. Chronological order costs a copy of the window
+    per step; it keeps the relative distances that ALiBi and relative biases read from
+    (q_len, k_len) right. `update` decides: where nothing reads the keys by their place (one
+    new token, no mask, no position bias, no weights handed back) it returns the buffer as it
+    lies, in slot order, without a copy.
     """
 
     def __init__(
@@ -146,20 +274,18 @@ class SlidingWindowKVCache:
         """How many positions the buffer holds: min(position, window)."""
         return min(self.position, self.window)
 
+    @property
+    def offset(self) -> int:
+        """The absolute position of the next token (it keeps counting past the window)."""
+        return self.position
+
     def _chronological(self, count: int) -> tuple[Tensor, Tensor]:
         """The last ``count`` (<= length) cached keys and values, oldest first."""
         slots = torch.arange(self.position - count, self.position, device=self.keys.device)
         slots = slots % self.window
         return self.keys[:, :, slots], self.values[:, :, slots]
 
-    def append(self, key: Tensor, value: Tensor, *, ordered: bool = True) -> tuple[Tensor, Tensor]:
-        """Store ``key``/``value`` (batch, kv_heads, new, head_dim); return what the new
-        queries may see, (batch, kv_heads, min(length, window − 1) + new, head_dim), oldest
-        first (see the class docstring for the mask that goes with it).
-
-        ``ordered=False`` with one new position returns the buffer itself, in slot order, no
-        copy: one query sees every key it holds, and attention without a position bias does
-        not depend on the order of the keys (RoPE is in the cached keys already)."""
+    def _check(self, key: Tensor, value: Tensor) -> None:
         expected = (self.keys.shape[0], self.keys.shape[1], self.keys.shape[3])
         for name, x in (("key", key), ("value", value)):
             if not isinstance(x, Tensor):
@@ -173,23 +299,53 @@ class SlidingWindowKVCache:
             _check_like_buffer(name, x, self.keys)
         if key.shape[2] != value.shape[2]:
             raise ValueError(f"key has {key.shape[2]} positions but value has {value.shape[2]}")
-        if not ordered and key.shape[2] == 1:
-            slot = self.position % self.window
-            self.keys[:, :, slot : slot + 1] = key.to(self.keys.dtype)
-            self.values[:, :, slot : slot + 1] = value.to(self.values.dtype)
-            self.position += 1
-            return self.keys[:, :, : self.length], self.values[:, :, : self.length]
+
+    def append(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        """Store ``key``/``value`` (batch, kv_heads, new, head_dim); return what the new
+        queries may see, (batch, kv_heads, min(length, window − 1) + new, head_dim), oldest
+        first (see the class docstring for the mask that goes with it)."""
+        self._check(key, value)
         old_keys, old_values = self._chronological(min(self.length, self.window - 1))
-        keys = torch.cat([old_keys, key.to(self.keys.dtype)], dim=2)
-        values = torch.cat([old_values, value.to(self.values.dtype)], dim=2)
+        keys = torch.cat([old_keys, key], dim=2)
+        values = torch.cat([old_values, value], dim=2)
         new = key.shape[2]
         kept = min(new, self.window)  # of a long prompt only the last window positions stay
         slots = torch.arange(self.position + new - kept, self.position + new) % self.window
         slots = slots.to(self.keys.device)
-        self.keys[:, :, slots] = key[:, :, new - kept :].to(self.keys.dtype)
-        self.values[:, :, slots] = value[:, :, new - kept :].to(self.values.dtype)
+        self.keys[:, :, slots] = key[:, :, new - kept :]
+        self.values[:, :, slots] = value[:, :, new - kept :]
         self.position += new
         return keys, values
+
+    def update(
+        self,
+        key: Tensor | None,
+        value: Tensor | None,
+        *,
+        mask: object = None,
+        position_bias: bool = False,
+        weights: bool = False,
+    ) -> tuple[Tensor, Tensor]:
+        """`append`, or for one new token that nothing reads by key position (no ``mask``,
+        no ``position_bias``, no ``weights``) the buffer itself in slot order, no copy: one
+        query sees every key it holds, and attention without a position bias does not depend
+        on the order of the keys (RoPE is in the cached keys already)."""
+        assert key is not None and value is not None
+        if key.shape[2] != 1 or mask is not None or position_bias or weights:
+            return self.append(key, value)
+        self._check(key, value)
+        slot = self.position % self.window
+        self.keys[:, :, slot : slot + 1] = key
+        self.values[:, :, slot : slot + 1] = value
+        self.position += 1
+        return self.keys[:, :, : self.length], self.values[:, :, : self.length]
+
+    def mask(self, q_len: int, k_len: int) -> Mask | None:
+        """The bottom-right sliding window over what `update` returned; None where a single
+        query sees every key returned."""
+        if q_len == 1 and k_len <= self.window:
+            return None
+        return masks_lib.sliding_window(q_len, k_len, window=self.window, align="bottom-right")
 
     def reorder(self, beam_indices: Tensor) -> None:
         """Row i becomes old row ``beam_indices[i]`` (beam search keeps the best beams)."""
@@ -216,6 +372,8 @@ class CrossAttentionCache:
     and stores the result, later calls reuse it and skip the key/value projections.
     """
 
+    offset = 0  # positions (RoPE, ALiBi, T5) are for self-attention only
+
     def __init__(self) -> None:
         self.keys: Tensor | None = None
         self.values: Tensor | None = None
@@ -223,6 +381,35 @@ class CrossAttentionCache:
     @property
     def is_empty(self) -> bool:
         return self.keys is None
+
+    def prepare(
+        self, query: Tensor, key: Tensor | None, value: Tensor | None, causal: CausalArg
+    ) -> tuple[Tensor | None, Tensor | None, CausalArg]:
+        """The memory to project on the first call (``value`` defaults to ``key``); nothing
+        afterwards (a memory passed again is not read)."""
+        if not self.is_empty:
+            return None, None, causal
+        if key is None:
+            raise ValueError("an empty CrossAttentionCache needs key (the memory) to fill it")
+        return key, key if value is None else value, causal
+
+    def update(
+        self,
+        key: Tensor | None,
+        value: Tensor | None,
+        *,
+        mask: object = None,
+        position_bias: bool = False,
+        weights: bool = False,
+    ) -> tuple[Tensor, Tensor]:
+        """Store the projected memory if given (the first call); return the stored one."""
+        if key is not None and value is not None:
+            self.store(key, value)
+        assert self.keys is not None and self.values is not None
+        return self.keys, self.values
+
+    def mask(self, q_len: int, k_len: int) -> Mask | None:
+        return None
 
     def store(self, key: Tensor, value: Tensor) -> None:
         """Keep the projected memory, (batch, kv_heads, src_len, head_dim)."""

@@ -4,7 +4,9 @@ Input and output are (batch, seq, embed_dim). The heads split embed_dim into
 num_heads × head_dim; with ``num_kv_heads`` < num_heads the keys and values have fewer heads
 (grouped-query attention), each shared by a group of query heads. ``positions`` puts
 order inside attention: RoPE rotates the projected queries and keys, ALiBi and T5's relative
-bias are added to the scores. With ``cu_seqlens`` the input is a packed ragged batch.
+bias are score mods (`multihead.score_mods`), computed by the kernel where it needs them.
+Caches (`multihead.cache.AttentionCache`) own what decoding needs; `forward_packed` takes a
+packed ragged batch.
 """
 
 from __future__ import annotations
@@ -18,21 +20,24 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import masks as masks_lib
-from .cache import CrossAttentionCache, KVCache, SlidingWindowKVCache
+from . import score_mods
+from .cache import NO_CACHE, AttentionCache
 from .functional import CausalArg, attention, check_mask
+from .kernels.base import combine_masks
 from .masks import Mask
 from .positional import ALiBi, RelativePositionBias, RotaryEmbedding
+from .score_mods import ScoreMod
 from .varlen import attention_varlen
 
 NeedWeights = Literal[False, "mean", "per_head"]
 PositionsArg = Literal["rope", "alibi", "relative"] | None
-SelfCache = KVCache | SlidingWindowKVCache
 
 __all__ = ["MultiHeadAttention", "weights_recorder"]
 
-# While set (by `multihead.viz.capture_attention`), every MultiHeadAttention computes its
-# per-head weights and hands them to this callable. Unset (the default) it costs one lookup:
-# the layer asks for weights only when its caller does, so the fast kernels still run.
+# While set (by `multihead.viz.capture_attention`), every MultiHeadAttention hands its per-head
+# weights to this callable. The output still comes from the kernel that runs without a
+# capture; the weights are computed beside it (the reference kernel, without autograd).
+# Unset (the default) it costs one lookup.
 weights_recorder: ContextVar[Callable[[MultiHeadAttention, Tensor], None] | None] = ContextVar(
     "multihead_weights_recorder", default=None
 )
@@ -172,19 +177,49 @@ class MultiHeadAttention(nn.Module):
             nn.init.zeros_(self.out_proj.bias)
 
     # -- projections -------------------------------------------------------------------------
-    def _project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    @overload
+    def _project(
+        self, query: Tensor, key: Tensor, value: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]: ...
+
+    @overload
+    def _project(
+        self, query: Tensor, key: Tensor | None, value: Tensor | None
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]: ...
+
+    def _project(
+        self, query: Tensor, key: Tensor | None, value: Tensor | None
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Q, K, V = query W^Q, key W^K, value W^V; K and V are None without a key (a cache
+        holds them)."""
         if self.fused and query is key and key is value:  # self-attention: one matmul
             e, kv = self.embed_dim, self.num_kv_heads * self.head_dim
             return F.linear(query, self.in_proj.weight, self.in_proj.bias).split([e, kv, kv], -1)
+        if key is None or value is None:
+            return self._project_query(query), None, None
         return (self._project_query(query), *self._project_key_value(key, value))
 
-    def _heads(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    @overload
+    def _heads(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]: ...
+
+    @overload
+    def _heads(
+        self, q: Tensor, k: Tensor | None, v: Tensor | None
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]: ...
+
+    def _heads(
+        self, q: Tensor, k: Tensor | None, v: Tensor | None
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """Split the projections into heads; QK-norm normalises each head's queries and keys."""
         q = self.split_heads(q, self.num_heads)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        if k is None or v is None:
+            return q, None, None
         k = self.split_heads(k, self.num_kv_heads)
         v = self.split_heads(v, self.num_kv_heads)
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
         return q, k, v
 
     def _project_query(self, query: Tensor) -> Tensor:
@@ -205,81 +240,46 @@ class MultiHeadAttention(nn.Module):
         k_bias, v_bias = (None, None) if bias is None else (bias[:kv], bias[kv:])
         return F.linear(key, weight[:kv], k_bias), F.linear(value, weight[kv:], v_bias)
 
-    def _cached_qkv(
-        self,
-        query: Tensor,
-        key: Tensor | None,
-        value: Tensor | None,
-        cache: SelfCache | CrossAttentionCache,
-        causal: CausalArg,
-        key_order_free: bool = False,
-    ) -> tuple[Tensor, Tensor, Tensor, CausalArg]:
-        """Heads for a decoding step: project only what the cache does not hold yet."""
-        if isinstance(cache, SelfCache):
-            if any(x is not None and x is not query for x in (key, value)):
-                raise ValueError("a KVCache is for self-attention: pass key=None and value=None")
-            if causal == "top-left":
-                raise ValueError(
-                    "causal='top-left' is wrong with a KVCache (the new queries come after the "
-                    "cached keys); pass causal=True or 'bottom-right'"
-                )
-            self._check_inputs(query, query, query)
-            q, k, v = self._heads(*self._project(query, query, query))
-            offset = cache.position if isinstance(cache, SlidingWindowKVCache) else cache.length
-            q, k = self._rotate(q, k, offset)  # keys are cached rotated, at their true positions
-            if isinstance(cache, SlidingWindowKVCache):
-                k, v = cache.append(k, v, ordered=not key_order_free)
-            else:
-                k, v = cache.append(k, v)
-            return q, k, v, "bottom-right" if causal else False
-        if not isinstance(cache, CrossAttentionCache):
-            raise TypeError(
-                "cache must be a KVCache, a SlidingWindowKVCache, a CrossAttentionCache or None, "
-                f"got {type(cache).__name__}"
-            )
-        if cache.is_empty:
-            if key is None:
-                raise ValueError("an empty CrossAttentionCache needs key (the memory) to fill it")
-            value = key if value is None else value
-            self._check_inputs(query, key, value)
-            k, v = self._project_key_value(key, value)
-            k = self.split_heads(k, self.num_kv_heads)
-            v = self.split_heads(v, self.num_kv_heads)
-            if self.k_norm is not None:
-                k = self.k_norm(k)
-            cache.store(k, v)
-        assert cache.keys is not None and cache.values is not None
-        if not isinstance(query, Tensor):
-            raise TypeError(f"query must be a torch.Tensor, got {type(query).__name__}")
-        if query.ndim != 3 or query.shape[-1] != self.embed_dim:
-            raise ValueError(
-                f"query must be (batch, seq, {self.embed_dim}), got shape {tuple(query.shape)}"
-            )
-        self._check_like_weights("query", query)
-        if cache.keys.shape[0] != query.shape[0]:
-            raise ValueError(
-                f"query has batch size {query.shape[0]} but the CrossAttentionCache holds "
-                f"{cache.keys.shape[0]}"
-            )
-        q = self.split_heads(self._project_query(query), self.num_heads)
-        if self.q_norm is not None:
-            q = self.q_norm(q)
-        return q, cache.keys, cache.values, causal
+    @overload
+    def _rotate(
+        self, q: Tensor, k: Tensor, offset: int = ..., positions: Tensor | None = ...
+    ) -> tuple[Tensor, Tensor]: ...
+
+    @overload
+    def _rotate(
+        self, q: Tensor, k: Tensor | None, offset: int = ..., positions: Tensor | None = ...
+    ) -> tuple[Tensor, Tensor | None]: ...
 
     def _rotate(
-        self, q: Tensor, k: Tensor, offset: int = 0, positions: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
+        self, q: Tensor, k: Tensor | None, offset: int = 0, positions: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
         """RoPE on the heads' queries and keys (a no-op without ``positions="rope"``)."""
-        if self.rotary is None:
+        if self.rotary is None or k is None:
             return q, k
         return self.rotary(q, offset, positions), self.rotary(k, offset, positions)
 
-    def _position_bias(self, q_len: int, k_len: int, dtype: torch.dtype) -> Tensor | None:
-        """ALiBi's or T5's additive score bias (1, heads, q_len, k_len), else None."""
-        if self.alibi is not None:
-            return self.alibi(q_len, k_len, dtype if dtype == torch.float64 else torch.float32)
-        if self.relative_bias is not None:
-            return self.relative_bias(q_len, k_len)
+    @property
+    def has_position_bias(self) -> bool:
+        """Whether the scores get a position-dependent bias (ALiBi, T5), which reads the keys
+        by their place."""
+        return self.alibi is not None or self.relative_bias is not None
+
+    def position_score_mod(self, q_len: int, k_len: int, dtype: torch.dtype) -> ScoreMod | None:
+        """ALiBi's or T5's bias as a score mod, queries aligned bottom-right on the keys (a
+        decoding step gets its true distances), or None. No (q_len, k_len) tensor is built
+        here: the kernel computes the bias where it needs it."""
+        if self.alibi is not None:  # the layer's slopes, in float64 for a float64 call
+            slopes = self.alibi.slopes
+            slopes = slopes.double() if dtype == torch.float64 else slopes
+            return score_mods.ALiBi(slopes, offset=k_len - q_len)
+        if self.relative_bias is not None:  # reads (and trains) the layer's table
+            return score_mods.relative_bias(
+                self.relative_bias.embedding.weight,
+                bidirectional=self.relative_bias.bidirectional,
+                max_distance=self.relative_bias.max_distance,
+                q_len=q_len,
+                k_len=k_len,
+            )
         return None
 
     def split_heads(self, x: Tensor, num_heads: int) -> Tensor:
@@ -304,11 +304,15 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"{name} is on {x.device} but the layer is on {weight.device}")
 
     def _check_inputs(self, query: object, key: object, value: object) -> None:
+        """query, key and value (batch, seq, features), alike; key and value None are skipped
+        (a cache holds them)."""
         for name, x, width in (
             ("query", query, self.embed_dim),
             ("key", key, self.kdim),
             ("value", value, self.vdim),
         ):
+            if x is None and name != "query":
+                continue
             if not isinstance(x, Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
             if x.ndim != 3:
@@ -318,6 +322,8 @@ class MultiHeadAttention(nn.Module):
             if x.shape[-1] != width:
                 raise ValueError(f"{name} has {x.shape[-1]} features but the layer expects {width}")
             self._check_like_weights(name, x)
+        if key is None or value is None:
+            return
         assert isinstance(query, Tensor) and isinstance(key, Tensor) and isinstance(value, Tensor)
         if not (query.shape[0] == key.shape[0] == value.shape[0]):
             raise ValueError(
@@ -340,7 +346,7 @@ class MultiHeadAttention(nn.Module):
         mask: Mask | Tensor | None = ...,
         causal: CausalArg = ...,
         need_weights: Literal[False] = ...,
-        cache: SelfCache | CrossAttentionCache | None = ...,
+        cache: AttentionCache | None = ...,
         cu_seqlens: Tensor | None = ...,
     ) -> Tensor: ...
 
@@ -354,7 +360,7 @@ class MultiHeadAttention(nn.Module):
         mask: Mask | Tensor | None = ...,
         causal: CausalArg = ...,
         need_weights: Literal["mean", "per_head"],
-        cache: SelfCache | CrossAttentionCache | None = ...,
+        cache: AttentionCache | None = ...,
         cu_seqlens: Tensor | None = ...,
     ) -> tuple[Tensor, Tensor]: ...
 
@@ -367,7 +373,7 @@ class MultiHeadAttention(nn.Module):
         mask: Mask | Tensor | None = None,
         causal: CausalArg = False,
         need_weights: NeedWeights = False,
-        cache: SelfCache | CrossAttentionCache | None = None,
+        cache: AttentionCache | None = None,
         cu_seqlens: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Attend from ``query`` to ``key``/``value`` (default: to itself).
@@ -381,82 +387,88 @@ class MultiHeadAttention(nn.Module):
             causal: True / "top-left" or "bottom-right" (see `multihead.attention`).
             need_weights: False, "mean" (batch, q_len, k_len) or "per_head"
                 (batch, heads, q_len, k_len).
-            cache: for decoding. A `KVCache` (self-attention): only ``query``'s new tokens
-                are projected, their keys/values appended to the cache, and the queries attend
-                to every cached key; ``causal=True`` then means "bottom-right" and ``mask``
-                must cover (q_len, cached length). A `CrossAttentionCache`: ``key``/``value``
-                are projected on the first call and reused afterwards (pass the memory or None).
-                A `SlidingWindowKVCache`: as a KVCache, but the queries see only the last
-                ``window`` positions (the layer adds the bottom-right sliding-window mask).
-            cu_seqlens: self-attention over a packed ragged batch: ``query`` is
-                (total_tokens, embed_dim), the sequences end to end, and ``cu_seqlens``
-                (batch + 1,) their cumulative lengths (see `multihead.attention_varlen`).
-                Each sequence attends only to itself (RoPE positions restart at 0). Returns
-                (total_tokens, embed_dim); no mask, cache, weights or score bias.
+            cache: for decoding, an `AttentionCache`. A `KVCache` (self-attention): only
+                ``query``'s new tokens are projected, their keys/values appended to the cache,
+                and the queries attend to every cached key; ``causal=True`` then means
+                "bottom-right" and ``mask`` must cover (q_len, cached length). A
+                `CrossAttentionCache`: ``key``/``value`` are projected on the first call and
+                reused afterwards (pass the memory or None). A `SlidingWindowKVCache`: as a
+                KVCache, but the queries see only the last ``window`` positions (the cache
+                adds the bottom-right sliding-window mask).
+            cu_seqlens: a packed ragged batch: the same as ``forward_packed(query,
+                cu_seqlens, causal=causal)`` (no key, value, mask, weights or cache).
 
         Returns the output (batch, q_len, embed_dim), and the weights if asked for.
         """
-        if need_weights not in (False, "mean", "per_head"):
-            raise ValueError(
-                f"need_weights must be False, 'mean' or 'per_head', got {need_weights!r}"
-            )
-        if cu_seqlens is not None:
-            return self._forward_packed(
-                query, key, value, cu_seqlens, mask, causal, need_weights, cache
-            )
-        self_attention = isinstance(cache, SelfCache) or (
-            cache is None and (key is None or key is query)
-        )
-        if self.positions is not None and not self_attention:
+        weighted = _check_need_weights(need_weights)
+        if cu_seqlens is not None:  # a packed ragged batch: see forward_packed
+            return self._packed(query, key, value, cu_seqlens, mask, causal, need_weights, cache)
+        cache = NO_CACHE if cache is None else cache
+        # what keys and values are projected from (None: the cache holds them)
+        key, value, causal = self._sources(query, key, value, causal, cache)
+        # project, split heads: q (B, H, Lq, D); k, v (B, Hkv, L_new, D) or None
+        q, k, v = self._heads(*self._project(query, key, value))
+        # positions: RoPE at the tokens' absolute positions, after any cached ones
+        q, k = self._rotate(q, k, cache.offset)
+        # what the queries attend to: k, v (B, Hkv, Lk, D), in the order the cache picks
+        k, v = cache.update(k, v, mask=mask, position_bias=self.has_position_bias, weights=weighted)
+        mask = _both(check_mask(mask, q, k), cache.mask(q.shape[2], k.shape[2]))
+        # ALiBi / T5's bias: a score mod, (Lq, Lk) aligned bottom-right; never a dense tensor
+        score_mod = self.position_score_mod(q.shape[2], k.shape[2], q.dtype)
+        # attention: heads (B, H, Lq, D); weights (B, H, Lq, Lk) if asked for
+        heads, weights = self._attend(q, k, v, mask, causal, score_mod, weighted)
+        # merge heads and project back: (B, Lq, E)
+        output = self.out_proj(self.merge_heads(heads))
+        if weights is None:
+            return output
+        return output, weights.mean(dim=1) if need_weights == "mean" else weights
+
+    def _sources(
+        self,
+        query: Tensor,
+        key: Tensor | None,
+        value: Tensor | None,
+        causal: CausalArg,
+        cache: AttentionCache,
+    ) -> tuple[Tensor | None, Tensor | None, CausalArg]:
+        """The cache's answer to what keys and values come from, checked; positions only for
+        self-attention."""
+        key, value, causal = cache.prepare(query, key, value, causal)
+        self._check_inputs(query, key, value)
+        if self.positions is not None and key is not query:
             raise ValueError(
                 f"positions={self.positions!r} is for self-attention; this call is "
                 "cross-attention (key is not query)"
             )
-        if cache is not None:
-            # No mask, score bias or weights to read in key order: the window cache may hand
-            # a single query its keys in slot order, without a copy.
-            order_free = mask is None and self.positions in (None, "rope") and not need_weights
-            order_free = order_free and weights_recorder.get() is None
-            q, k, v, causal = self._cached_qkv(query, key, value, cache, causal, order_free)
-        else:
-            key = query if key is None else key
-            value = key if value is None else value
-            self._check_inputs(query, key, value)
-            q, k, v = self._heads(*self._project(query, key, value))
-            q, k = self._rotate(q, k)
+        return key, value, causal
 
-        window = None
-        if isinstance(cache, SlidingWindowKVCache):
-            q_len, k_len = q.shape[2], k.shape[2]
-            if q_len > 1 or k_len > cache.window:  # else one query sees every key returned
-                window = masks_lib.sliding_window(
-                    q_len, k_len, window=cache.window, align="bottom-right"
-                )
-        bias = self._position_bias(q.shape[2], k.shape[2], q.dtype)
-        mask = _merge_masks(mask, window, bias, q, k)
-
+    def _attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: Mask | Tensor | None,
+        causal: CausalArg,
+        score_mod: ScoreMod | None,
+        need_weights: bool,
+    ) -> tuple[Tensor, Tensor | None]:
+        """`attention` over the heads, with the weights when asked for. Under a capture
+        (`weights_recorder` set) the weights are computed beside the output, by the reference
+        kernel without autograd, so the output is the one computed without a capture."""
+        options = {"mask": mask, "causal": causal, "softcap": self.softcap, "score_mod": score_mod}
+        dropout = self.dropout if self.training else 0.0
+        result = attention(q, k, v, dropout_p=dropout, return_weights=need_weights, **options)
+        heads, weights = result if isinstance(result, tuple) else (result, None)
         recorder = weights_recorder.get()
-        result = attention(
-            q,
-            k,
-            v,
-            mask=mask,
-            causal=causal,
-            dropout_p=self.dropout if self.training else 0.0,
-            softcap=self.softcap,
-            return_weights=bool(need_weights) or recorder is not None,
-        )
-        if isinstance(result, Tensor):
-            return self.out_proj(self.merge_heads(result))
-        heads, weights = result
-        if recorder is not None:
+        if recorder is not None and weights is not None:
             recorder(self, weights)
-        output = self.out_proj(self.merge_heads(heads))
-        if not need_weights:
-            return output
-        return output, weights.mean(dim=1) if need_weights == "mean" else weights
+        elif recorder is not None:
+            with torch.no_grad():
+                _, seen = attention(q, k, v, return_weights=True, kernel="reference", **options)
+            recorder(self, seen)
+        return heads, weights
 
-    def _forward_packed(
+    def _packed(
         self,
         query: Tensor,
         key: object,
@@ -467,10 +479,14 @@ class MultiHeadAttention(nn.Module):
         need_weights: NeedWeights,
         cache: object,
     ) -> Tensor:
-        """Self-attention over a packed ragged batch (total_tokens, embed_dim).
+        """``forward(..., cu_seqlens=...)``: `forward_packed`, refusing what it cannot read."""
+        self._check_packed(query)
+        refuse_beyond_self_attention(
+            "cu_seqlens (packed self-attention)", query, key, value, mask, need_weights, cache
+        )
+        return self.forward_packed(query, cu_seqlens, causal=causal)
 
-        No weights exist to hand to `weights_recorder`: packed calls are not recorded.
-        """
+    def _check_packed(self, query: object) -> None:
         if not isinstance(query, Tensor):
             raise TypeError(f"query must be a torch.Tensor, got {type(query).__name__}")
         if query.ndim != 2 or query.shape[-1] != self.embed_dim:
@@ -478,10 +494,22 @@ class MultiHeadAttention(nn.Module):
                 f"with cu_seqlens, query must be packed (total_tokens, {self.embed_dim}), "
                 f"got shape {tuple(query.shape)}"
             )
-        refuse_beyond_self_attention(
-            "cu_seqlens (packed self-attention)", query, key, value, mask, need_weights, cache
-        )
-        if self.alibi is not None or self.relative_bias is not None:
+
+    def forward_packed(self, x: Tensor, cu_seqlens: Tensor, *, causal: CausalArg = False) -> Tensor:
+        """Self-attention over a packed ragged batch.
+
+        Args:
+            x: (total_tokens, embed_dim), the sequences end to end.
+            cu_seqlens: (batch + 1,) their cumulative lengths (see
+                `multihead.attention_varlen`). Each sequence attends only to itself (RoPE
+                positions restart at 0).
+            causal: causal within each sequence.
+
+        Returns (total_tokens, embed_dim). No score bias (ALiBi, T5) and no weights: packed
+        calls are not recorded by a capture.
+        """
+        self._check_packed(x)
+        if self.has_position_bias:
             raise ValueError(
                 f"positions={self.positions!r} cannot be used with cu_seqlens: its score bias "
                 "would be a dense total_tokens² tensor"
@@ -490,18 +518,18 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(
                 f"causal must be True, False, 'top-left' or 'bottom-right', got {causal!r}"
             )
-        cu = masks_lib.check_cu_seqlens("cu_seqlens", cu_seqlens).to(query.device)
-        if int(cu[-1]) != query.shape[0]:
+        cu = masks_lib.check_cu_seqlens("cu_seqlens", cu_seqlens).to(x.device)
+        if int(cu[-1]) != x.shape[0]:
             raise ValueError(
-                f"cu_seqlens ends at {int(cu[-1])} but query packs {query.shape[0]} tokens"
+                f"cu_seqlens ends at {int(cu[-1])} but query packs {x.shape[0]} tokens"
             )
-        x = query.unsqueeze(0)  # one long sequence: (1, total, embed_dim)
-        q, k, v = self._heads(*self._project(x, x, x))  # (1, heads, total, head_dim)
+        self._check_like_weights("query", x)
+        packed = x.unsqueeze(0)  # one long sequence: (1, total, embed_dim)
+        q, k, v = self._heads(*self._project(packed, packed, packed))  # (1, heads, total, d)
         if self.rotary is not None:  # positions restart at 0 in every sequence
             starts = torch.repeat_interleave(cu[:-1], cu.diff())
-            q, k = self._rotate(
-                q, k, positions=torch.arange(len(starts), device=cu.device) - starts
-            )
+            positions = torch.arange(len(starts), device=cu.device) - starts
+            q, k = self._rotate(q, k, positions=positions)
         out = attention_varlen(
             *(t[0].transpose(0, 1) for t in (q, k, v)),  # packed (total, heads, head_dim)
             cu,
@@ -523,32 +551,18 @@ class MultiHeadAttention(nn.Module):
         return extra
 
 
-def _merge_masks(
-    mask: Mask | Tensor | None,
-    window: Mask | None,
-    bias: Tensor | None,
-    q: Tensor,
-    k: Tensor,
-) -> Mask | Tensor | None:
-    """One mask for `attention` from the caller's, a cache's sliding window and a score bias.
+def _check_need_weights(need_weights: object) -> bool:
+    """Whether the caller asked for weights; refuses what is not False, "mean", "per_head"."""
+    if need_weights not in (False, "mean", "per_head"):
+        raise ValueError(f"need_weights must be False, 'mean' or 'per_head', got {need_weights!r}")
+    return bool(need_weights)
 
-    A boolean mask joins a float bias as −inf where it is False.
-    """
-    if window is None and bias is None:
-        return mask
-    mask = check_mask(mask, q, k)  # the caller's mask is checked before it is combined
-    if bias is None:
-        if mask is None or isinstance(mask, Mask):
-            return window if mask is None else mask & window
-        assert window is not None
-        dense = window.to_dense(q.device)
-        if mask.dtype == torch.bool:
-            return mask & dense
-        return mask.masked_fill(~dense, -torch.inf)
-    for part in (mask, window):
-        if part is None:
-            continue
-        if isinstance(part, Mask):
-            part = part.to_dense(q.device)
-        bias = torch.where(part, bias, -torch.inf) if part.dtype == torch.bool else bias + part
-    return bias
+
+def _both(mask: Mask | Tensor | None, extra: Mask | None) -> Mask | Tensor | None:
+    """The caller's (checked) mask and a cache's: `Mask` algebra when both are masks, else
+    `combine_masks` (a tensor mask stays a tensor)."""
+    if extra is None or mask is None:
+        return mask if extra is None else extra
+    if isinstance(mask, Mask):
+        return mask & extra
+    return combine_masks(extra.to_dense(mask.device), mask)
