@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 import multihead.functional as functional
+from multihead import masks
 from multihead.cli import main
 from multihead.models import Seq2SeqConfig, Seq2SeqTransformer
 from multihead.multi_head_attention import MultiHeadAttention
@@ -81,7 +82,7 @@ def test_capture_equals_each_layer_called_with_per_head_weights() -> None:
     assert float(captured["encoder.layers.0.self_attn"][1, :, :, 5:].abs().max()) == 0.0
 
 
-def test_fast_kernel_without_capture_and_weights_only_inside(monkeypatch) -> None:
+def test_capture_keeps_the_kernels_and_computes_weights_beside(monkeypatch) -> None:
     chosen: list[tuple[str, bool]] = []
     select = functional.select_kernel
 
@@ -102,9 +103,43 @@ def test_fast_kernel_without_capture_and_weights_only_inside(monkeypatch) -> Non
         inside = chosen[:]
         chosen.clear()
         model(src, tgt)
-    assert len(outside_before) == len(inside) == len(chosen) == 6
+    assert len(outside_before) == len(chosen) == 6
     assert all(kernel == "sdpa" and not weights for kernel, weights in outside_before + chosen)
-    assert all(weights for _, weights in inside)
+    # Inside: each layer's output from the same kernel, then its weights by the reference one.
+    assert inside[0::2] == outside_before
+    assert inside[1::2] == [("reference", True)] * 6
+
+
+@pytest.mark.parametrize(
+    ("kernel", "length", "positions"),
+    [("sdpa", 9, None), ("sdpa", 9, "relative"), ("tiled", 2048, "alibi")],
+)
+def test_capture_leaves_the_output_bitwise_equal(kernel, length, positions, monkeypatch) -> None:
+    torch.manual_seed(0)
+    layer = MultiHeadAttention(8, 2, positions=positions).eval()
+    x = torch.randn(1, length, 8)
+    band = masks.sliding_window(length, length, window=64) & masks.padding(
+        [length - 2], max_len=length
+    )
+    chosen: list[str] = []
+    select = functional.select_kernel
+
+    def spy(request, kernel="auto"):
+        module = select(request, kernel)
+        chosen.append(module.NAME)
+        return module
+
+    monkeypatch.setattr(functional, "select_kernel", spy)
+    with torch.no_grad():
+        plain = layer(x, mask=band)
+        assert chosen == [kernel]
+        with capture_attention(layer) as captured:
+            recorded = layer(x, mask=band)
+        assert chosen == [kernel, kernel, "reference"]
+        _, weights = layer(x, mask=band, need_weights="per_head")
+    assert torch.equal(recorded, plain)
+    assert torch.equal(captured[""], weights)  # what the reference kernel gives the caller
+    assert captured[""].shape == (1, 2, length, length)
 
 
 def test_capture_of_cached_decoding_equals_one_teacher_forced_pass() -> None:

@@ -6,8 +6,9 @@
 
 The model's code is not changed and nothing is hooked: the layer consults a context variable
 (`multihead.multi_head_attention.weights_recorder`), which is set only inside the ``with``
-block. Outside it the layer asks for weights only when its caller does, so the fast kernels
-run as before; inside it every layer runs a kernel that returns weights (the reference one).
+block. A capture does not change the model's outputs: each layer runs the kernel it runs
+without one, and computes the weights beside it (the float reference kernel, without
+autograd), so inside the block every layer costs one extra weights pass.
 """
 
 from __future__ import annotations
@@ -68,7 +69,9 @@ def capture_attention(
     """Record the per-head weights of every MultiHeadAttention inside ``model`` in the block.
 
     Weights are detached and moved to ``device`` (None: left where they are). Layers of other
-    models that run in the block are not recorded. The switch is a context variable, so a
+    models that run in the block are not recorded. A `SlidingWindowKVCache` step of one
+    token with no mask, position bias or weights asked for attends over its ring buffer in
+    slot order, and its weights are recorded in that order. The switch is a context variable, so a
     capture in one thread does not slow down another.
     """
     if not isinstance(model, nn.Module):
