@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from multihead import CrossAttentionCache, KVCache, MultiHeadAttention
+from multihead import CrossAttentionCache, KVCache, MultiHeadAttention, SlidingWindowKVCache
+from multihead.cache import AttentionCache, NoCache
 from multihead.models import Seq2SeqConfig, Seq2SeqTransformer
 
 
@@ -82,3 +83,76 @@ def test_model_caches_hold_one_entry_per_layer() -> None:
     self_caches, cross_caches = model.new_caches(2, 5, model.embedding.weight)
     assert len(self_caches) == len(cross_caches) == 3
     assert self_caches[0].keys.shape == (2, 2, 5, 8)
+
+
+def test_every_cache_implements_the_interface() -> None:
+    for cache in (KVCache(1, 1, 2, 2), SlidingWindowKVCache(1, 1, 2, 2), CrossAttentionCache()):
+        assert isinstance(cache, AttentionCache)
+    assert isinstance(NoCache(), AttentionCache)
+    x = torch.zeros(1, 2, 4)
+    assert NoCache().prepare(x, None, None, True) == (x, x, True)
+    assert KVCache(1, 1, 2, 2).prepare(x, None, None, True) == (x, x, "bottom-right")
+    memory = x[:, :1]
+    key, value, causal = CrossAttentionCache().prepare(x, memory, None, False)
+    assert key is memory and value is memory and causal is False
+
+
+def test_sliding_cache_picks_the_key_order() -> None:
+    def step(cache: SlidingWindowKVCache, p: int, **readers) -> list[int]:
+        keys, values = cache.update(tokens(p), tokens(p), **readers)
+        assert torch.equal(keys, values)
+        return keys[0, 0, :, 0].long().tolist()
+
+    cache = SlidingWindowKVCache(1, 1, 3, 2)
+    for p in range(4):
+        step(cache, p)
+    # Nothing reads keys by their place: the buffer as it lies (slot p % 3), no copy.
+    keys, _ = cache.update(tokens(4), tokens(4))
+    assert keys[0, 0, :, 0].tolist() == [3, 4, 2] and keys.data_ptr() == cache.keys.data_ptr()
+    # A mask, a position bias or weights handed back read them: oldest first.
+    assert step(cache, 5, mask=torch.ones(1, 3, dtype=torch.bool)) == [3, 4, 5]
+    assert step(cache, 6, position_bias=True) == [4, 5, 6]
+    assert step(cache, 7, weights=True) == [5, 6, 7]
+    assert cache.mask(1, 3) is None and cache.mask(2, 4) is not None
+
+
+def tokens(p: int) -> torch.Tensor:
+    """One key/value whose entries are its position p: (1, 1, 1, 2)."""
+    return torch.full((1, 1, 1, 2), float(p))
+
+
+class CountingCache:
+    """A cache of one's own: a KVCache that counts its updates. The layer takes any
+    `AttentionCache`."""
+
+    def __init__(self, inner: KVCache) -> None:
+        self.inner, self.updates = inner, 0
+        self.offset_seen: list[int] = []
+
+    @property
+    def offset(self) -> int:
+        self.offset_seen.append(self.inner.offset)
+        return self.inner.offset
+
+    def prepare(self, query, key, value, causal):
+        return self.inner.prepare(query, key, value, causal)
+
+    def update(self, key, value, **readers):
+        self.updates += 1
+        return self.inner.update(key, value, **readers)
+
+    def mask(self, q_len: int, k_len: int):
+        return self.inner.mask(q_len, k_len)
+
+
+def test_the_layer_takes_any_attention_cache() -> None:
+    torch.manual_seed(0)
+    attn = MultiHeadAttention(16, 4, num_kv_heads=2, positions="rope").eval()
+    x = torch.randn(2, 5, 16)
+    cache = CountingCache(KVCache(2, 2, 5, 4))
+    assert isinstance(cache, AttentionCache)
+    cache.offset_seen.clear()  # (isinstance reads the property)
+    steps = [attn(x[:, :3], causal=True, cache=cache)]
+    steps += [attn(x[:, i : i + 1], causal=True, cache=cache) for i in (3, 4)]
+    torch.testing.assert_close(torch.cat(steps, 1), attn(x, causal=True), atol=1e-5, rtol=1e-5)
+    assert cache.updates == 3 and cache.offset_seen == [0, 3, 4]

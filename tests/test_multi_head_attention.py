@@ -388,3 +388,79 @@ def test_non_tensor_input_raises():
     m = MultiHeadAttention(16, 4)
     with pytest.raises(TypeError, match="key must be a torch.Tensor"):
         m(torch.randn(1, 2, 16), [[0.0] * 16])
+
+
+# -- positions as score mods ----------------------------------------------------------------------
+def dense_position_oracle(layer: MultiHeadAttention, x: torch.Tensor, allowed: torch.Tensor):
+    """The dense-bias path: `positional.ALiBi` / `RelativePositionBias` build the
+    (1, heads, L, L) bias, −inf where ``allowed`` is False, on the float64 reference kernel."""
+    q, k, v = layer._heads(*layer._project(x, x, x))
+    n = x.shape[1]
+    if layer.alibi is not None:
+        bias = layer.alibi(n, n, torch.float64)
+    else:
+        bias = layer.relative_bias(n, n)
+    heads = attention(q, k, v, mask=bias.masked_fill(~allowed, -math.inf), kernel="reference")
+    return layer.out_proj(layer.merge_heads(heads))
+
+
+@pytest.mark.parametrize("kind", ["alibi", "relative"])
+@pytest.mark.parametrize("kernel", ["sdpa", "tiled"])
+def test_position_score_mods_equal_the_dense_bias(kind, kernel, gen, monkeypatch):
+    from multihead import functional, positional
+    from multihead.kernels import tiled
+
+    torch.manual_seed(0)
+    layer = randomize(MultiHeadAttention(8, 2, positions=kind, dtype=torch.float64), gen)
+    x = x_of(2, 11, 8, gen=gen, dtype=torch.float64).requires_grad_()
+    allowed = masks.causal(11) & masks.padding([11, 7])
+    expected = dense_position_oracle(layer, x, allowed.to_dense())
+    expected_grads = torch.autograd.grad(expected.square().sum(), [x, *layer.parameters()])
+
+    if kernel == "tiled":  # a score mod then always runs per tile
+        monkeypatch.setattr(tiled, "SCORE_MATRIX_BUDGET", 0)
+    chosen: list[str] = []
+    select = functional.select_kernel
+
+    def spy(request, kernel="auto"):
+        module = select(request, kernel)
+        chosen.append(module.NAME)
+        return module
+
+    monkeypatch.setattr(functional, "select_kernel", spy)
+    for module in (positional.ALiBi, positional.RelativePositionBias):  # no dense bias
+        monkeypatch.setattr(module, "forward", lambda *a, **k: pytest.fail("dense bias built"))
+    out = layer(x, mask=allowed)
+    grads = torch.autograd.grad(out.square().sum(), [x, *layer.parameters()])
+    assert chosen == [kernel]
+    assert_close_to(out, expected, torch.float64)
+    for grad, want in zip(grads, expected_grads, strict=True):  # the T5 table's too
+        assert_close_to(grad, want, torch.float64, grad=True)
+
+
+@pytest.mark.parametrize("kind", ["alibi", "relative"])
+def test_position_score_mod_with_a_float_and_a_tensor_mask_in_float32(kind, gen):
+    layer = randomize(MultiHeadAttention(8, 2, positions=kind), gen).eval()
+    x = x_of(2, 6, 8, gen=gen)
+    allowed = (masks.causal(6) & masks.padding([6, 4])).to_dense()
+    additive = torch.zeros(2, 1, 6, 6).masked_fill(~allowed, -math.inf)
+    expected = dense_position_oracle(layer.double(), x.double(), allowed).float()
+    layer.float()
+    torch.testing.assert_close(layer(x, mask=allowed), expected, **FP32)
+    torch.testing.assert_close(layer(x, mask=additive), expected, **FP32)
+
+
+def test_state_dict_keeps_the_relative_table():
+    layer = MultiHeadAttention(8, 2, positions="relative")
+    assert "relative_bias.embedding.weight" in layer.state_dict()
+    assert not any(
+        "alibi" in name for name in MultiHeadAttention(8, 2, positions="alibi").state_dict()
+    )
+
+
+def test_forward_packed_equals_forward_with_cu_seqlens(gen):
+    layer = randomize(MultiHeadAttention(8, 2, positions="rope"), gen).eval()
+    packed, cu = x_of(7, 8, gen=gen), torch.tensor([0, 3, 7])
+    out = layer.forward_packed(packed, cu, causal=True)
+    assert torch.equal(out, layer(packed, causal=True, cu_seqlens=cu))
+    torch.testing.assert_close(out[3:], layer(packed[None, 3:], causal=True)[0], **FP32)
