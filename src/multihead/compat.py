@@ -28,13 +28,12 @@ What differs on purpose:
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .functional import attention
+from .kernels.base import combine_masks
 
 __all__ = ["MultiheadAttention"]
 
@@ -53,20 +52,17 @@ def _check_flag(name: str, value: object) -> bool:
     return value
 
 
-def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
-    """Our bool mask (True = may attend) as an additive bias: 0 where allowed, -inf where not."""
-    if mask.dtype != torch.bool:
-        return mask
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, -math.inf)
-
-
-def _merge(first: Tensor | None, second: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    """Both masks at once: bool masks intersect, otherwise the biases add (as in torch)."""
+def _merge(first: Tensor | None, second: Tensor | None) -> Tensor | None:
+    """Both masks at once (ours: bool True = may attend, or float added): `combine_masks`
+    where one is bool (two bool masks intersect, a bool one blocks the other's bias); two
+    float biases add, as in torch."""
     if first is None or second is None:
         return first if second is None else second
-    if first.dtype == torch.bool and second.dtype == torch.bool:
-        return first & second
-    return _additive(first, dtype) + _additive(second, dtype)
+    if first.dtype == torch.bool:
+        return combine_masks(first, second)
+    if second.dtype == torch.bool:
+        return combine_masks(second, first)
+    return first + second
 
 
 def _append_keys(mask: Tensor | None, extra: int) -> Tensor | None:
@@ -297,7 +293,7 @@ class MultiheadAttention(nn.Module):
             attn = attn.view(1, 1, q_len, k_len)
         else:
             attn = None
-        mask = _merge(_append_keys(attn, extra), _append_keys(padding, extra), dtype)
+        mask = _merge(_append_keys(attn, extra), _append_keys(padding, extra))
         if mask is not None:
             mask = mask.expand(mask.shape[0], mask.shape[1], q_len, k_len + extra)
         return mask, causal
