@@ -36,6 +36,7 @@ import math
 import os
 import shutil
 import statistics
+import subprocess
 import time
 import traceback
 from collections.abc import Callable
@@ -357,6 +358,21 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def git_state() -> str | None:
+    """The commit the library was run at, "-dirty" when the working tree had changes."""
+    try:
+        done = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda")
@@ -395,6 +411,7 @@ def main() -> None:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "multihead": multihead.__version__,
+        "git": git_state(),
         "shapes": {
             "kernel": {"batch": BATCH, "heads": HEADS, "head_dim": HEAD_DIM},
             "layer": {"batch": BATCH, "d_model": D_MODEL, "heads": HEADS},

@@ -335,7 +335,7 @@ def _sync_cases(device: torch.device):
     gqa = mh.MultiHeadAttention(256, 8, num_kv_heads=2, positions="rope").to(device)
     x = torch.randn(2, 128, 256, device=device)
     keep = torch.arange(128, device=device) < torch.tensor([[128], [77]], device=device)
-    tensor_mask = keep[:, None, None, :]  # (B, 1, 1, K), True = may attend
+    tensor_mask = keep[:, None, None, :].expand(2, 1, 128, 128)  # True = may attend
     padding = masks.padding(torch.tensor([128, 77], device=device), 128)  # built outside
     cache = mh.KVCache(2, 2, 200, 32, device=device)
     with torch.no_grad():
