@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -313,6 +314,7 @@ class BandMask(Mask):
 
     offset: int = 0
     window: int | None = None
+    translation_invariant: ClassVar[bool] = True  # whether q may see k depends on q − k only
 
     def _structure(self, block_q: int, block_k: int) -> Tensor:
         """A tile is empty when the band misses it, full when the band covers it."""

@@ -17,14 +17,14 @@ score mod that only adds a bias) and the same steps written out in torch otherwi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from ..masks import EMPTY, FULL, Mask
 from ..score_mods import ScoreMod
-from .base import combine_masks
+from .base import combine_masks, rows_seeing
 
 __all__ = [
     "BLOCK_K",
@@ -38,10 +38,13 @@ __all__ = [
     "merge",
 ]
 
-# Tile sides for the mask's block structure: small enough that a tile straddling a window's
-# edge wastes little, large enough that a row block is one efficient fused call.
-BLOCK_Q = 64
-BLOCK_K = 64
+# Tile sides for the mask's block structure. Rows: torch's fused CPU kernel splits a call of
+# 192+ queries into blocks of 64 (32 below that), which reuse each key block twice as often:
+# measured (benchmarks/bench_flex.py shapes, 2 threads), 256-row calls beat 64-row ones by
+# 1.2x (window 256) to 1.8x (prefix-LM) despite the wasted half tile on a window's edge.
+# Keys: finer, so that a span ends close to the mask's edge.
+BLOCK_Q = 256
+BLOCK_K = 128
 # Consecutive row blocks that visit the same spans become one call while rows × keys stays
 # under this (a document of 1,024 tokens is one call); unmasked ones always merge.
 MERGE_BUDGET = 1 << 21
@@ -83,6 +86,7 @@ class Plan:
     mask: Mask | None
     bias: Tensor | None  # tensor mask: bool or float (batch|1, heads|1, Q, K), sliced per span
     visited: int  # (query, key) pairs the spans cover
+    cache: dict = field(default_factory=dict, repr=False, compare=False)  # span masks
 
     @staticmethod
     def build(
@@ -102,29 +106,13 @@ class Plan:
             return Plan(q_len, k_len, rows, mask, bias, q_len * k_len)
         structure = mask.tiles(block_q, block_k).tolist()  # cached on the mask
         n_k = len(structure[0])
-        row_blocks: list[Rows] = []
+        row_blocks = []
         for i, tiles in enumerate(structure):
-            spans: list[Span] = []
-            for j, kind in enumerate(tiles):
-                if kind == EMPTY:
-                    continue
-                k0, k1 = j * block_k, min((j + 1) * block_k, k_len)
-                cut = () if kind == FULL else ((k0, k1),)
-                if spans and spans[-1].k1 == k0:
-                    last = spans[-1]
-                    joined = (
-                        last.cut[:-1] + ((last.cut[-1][0], k1),)
-                        if (cut and last.cut and last.cut[-1][1] == k0)
-                        else last.cut + cut
-                    )
-                    spans[-1] = Span(last.k0, k1, joined, last.tile)
-                else:
-                    spans.append(Span(k0, k1, cut, i * n_k + j))
             q0, q1 = i * block_q, min((i + 1) * block_q, q_len)
-            row_blocks.append(Rows(q0, q1, tuple(spans)))
+            row_blocks.append(Rows(q0, q1, _spans(tiles, i * n_k, block_k, k_len)))
         rows = _merge_rows(row_blocks, bias is not None)
         visited = sum((r.q1 - r.q0) * sum(s.k1 - s.k0 for s in r.spans) for r in rows)
-        return Plan(q_len, k_len, tuple(rows), mask, bias, visited)
+        return Plan(q_len, k_len, tuple(rows), mask, bias, visited, {})
 
     @property
     def fraction(self) -> float:
@@ -132,10 +120,43 @@ class Plan:
         total = self.q_len * self.k_len
         return self.visited / total if total else 0.0
 
-    def span_mask(self, rows: Rows, span: Span, device: torch.device) -> Tensor | None:
-        """The span's mask: None (fully visible), bool (True = may attend) or a float bias,
-        broadcastable to (batch, heads, rows, keys). The structured mask is evaluated only
-        on the span's cut sub-ranges."""
+    def span_mask(
+        self, rows: Rows, span: Span, device: torch.device, dtype: torch.dtype | None = None
+    ) -> Tensor | None:
+        """The span's mask, broadcastable to (batch, heads, rows, keys): None (fully
+        visible), bool (True = may attend) or a float bias; with ``dtype``, as the additive
+        mask the fused kernel takes (−inf where blocked). The structured mask is evaluated
+        only on the span's cut sub-ranges."""
+        return self._cached("mask", rows, span, device, dtype)
+
+    def empty_rows(self, rows: Rows, span: Span, device: torch.device) -> Tensor | None:
+        """(batch|1, heads|1, rows|1, 1) bool: the rows that see no key of the span."""
+        return self._cached("empty", rows, span, device, None)
+
+    def _cached(
+        self, kind: str, rows: Rows, span: Span, device: torch.device, dtype: torch.dtype | None
+    ) -> Tensor | None:
+        """A span's mask or empty rows; a mask that depends only on q − k (causal, a window)
+        is evaluated once per tile geometry and reused all along the diagonal."""
+        key = None
+        if self.bias is None and getattr(self.mask, "translation_invariant", False) and span.cut:
+            shift = rows.q0
+            cut = tuple((k0 - shift, k1 - shift) for k0, k1 in span.cut)
+            key = (kind, rows.q1 - shift, span.k0 - shift, span.k1 - shift, cut, device, dtype)
+            if key in self.cache:
+                return self.cache[key]
+        mask = self._span_mask(rows, span, device)
+        if kind == "empty":
+            result = _empty_rows(mask)
+        elif dtype is not None and mask is not None and mask.dtype == torch.bool:
+            result = torch.where(mask, 0.0, -torch.inf).to(dtype)
+        else:
+            result = mask if dtype is None or mask is None else mask.to(dtype)
+        if key is not None:
+            self.cache[key] = result
+        return result
+
+    def _span_mask(self, rows: Rows, span: Span, device: torch.device) -> Tensor | None:
         allowed = None
         if span.cut and self.mask is not None:
             parts = [self.mask.evaluate(rows.q0, rows.q1, k0, k1, device) for k0, k1 in span.cut]
@@ -148,6 +169,39 @@ class Plan:
                     allowed[..., k0 - span.k0 : k1 - span.k0] = part
         bias = None if self.bias is None else self.bias[..., rows.q0 : rows.q1, span.k0 : span.k1]
         return combine_masks(allowed, bias)
+
+
+# A run of full tiles at least this many keys long is its own span, without a mask, rather
+# than part of a masked span (a prefix-LM's prefix, a long document's past): a mask over
+# it would be read once per head for nothing. Shorter full runs join their cut neighbours,
+# saving a call and a merge.
+SPLIT_KEYS = 512
+
+
+def _spans(tiles: list[int], first_tile: int, block_k: int, k_len: int) -> tuple[Span, ...]:
+    """The key spans of one row of tiles: runs of visited tiles, a long full run alone."""
+    segments: list[tuple[int, int, bool, int]] = []  # (k0, k1, cut, tile) of one kind
+    for j, kind in enumerate(tiles):
+        if kind == EMPTY:
+            continue
+        k0, k1, cut = j * block_k, min((j + 1) * block_k, k_len), kind != FULL
+        if segments and segments[-1][1] == k0 and segments[-1][2] == cut:
+            segments[-1] = (segments[-1][0], k1, cut, segments[-1][3])
+        else:
+            segments.append((k0, k1, cut, first_tile + j))
+    spans: list[Span] = []
+    for k0, k1, cut, tile in segments:
+        alone = not cut and k1 - k0 >= SPLIT_KEYS
+        last = spans[-1] if spans else None
+        joinable = (
+            last is not None and last.k1 == k0 and (last.cut or last.k1 - last.k0 < SPLIT_KEYS)
+        )
+        if joinable and not alone:
+            assert last is not None
+            spans[-1] = Span(last.k0, k1, last.cut + (((k0, k1),) if cut else ()), last.tile)
+        else:
+            spans.append(Span(k0, k1, ((k0, k1),) if cut else (), tile))
+    return tuple(spans)
 
 
 def _merge_rows(blocks: list[Rows], has_bias: bool) -> list[Rows]:
@@ -211,12 +265,17 @@ class Tile:
     q: Tensor  # (B, H, rows, D)
     k: Tensor  # (B, H, keys, D), key/value heads already expanded to the query heads
     v: Tensor
-    mask: Tensor | None  # bool or float, broadcastable to (B, H, rows, keys)
+    plan: Plan
     rows: Rows
     span: Span
     score_mod: ScoreMod | None
     scale: float
     dropout: Dropout | None
+
+    @property
+    def mask(self) -> Tensor | None:
+        """bool or float, broadcastable to (B, H, rows, keys); None: every key visible."""
+        return self.plan.span_mask(self.rows, self.span, self.q.device)
 
     def indices(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         batch, heads = self.q.shape[:2]
@@ -232,16 +291,7 @@ class Tile:
         """For the fused kernel: the additive mask (mask as −inf plus an additive score
         mod's bias), and a per-row shift to add to its log-sum-exp (a separable bias's row
         part, left out of the mask since softmax ignores it)."""
-        mask = self.mask
-        additive = None
-        if mask is not None:
-            additive = (
-                torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
-                    ~mask, -torch.inf
-                )
-                if mask.dtype == torch.bool
-                else mask.to(dtype)
-            )
+        additive = self.plan.span_mask(self.rows, self.span, self.q.device, dtype)
         shift = None
         if self.score_mod is not None:
             _, h, q, k = self.indices()
@@ -286,7 +336,7 @@ def tile_forward(tile: Tile) -> tuple[Tensor, Tensor]:
         additive, shift = tile.additive(q.dtype)
         out, lse = _FUSED(q, k, v, attn_mask=additive, scale=tile.scale)[:2]
         lse = lse.unsqueeze(-1).to(compute)
-        empty = _empty_rows(additive if tile.mask is not None else None)
+        empty = tile.plan.empty_rows(tile.rows, tile.span, q.device)
         if empty is not None:  # the fused kernel reports lse 0 for rows it could not see
             lse = lse.masked_fill(empty, -torch.inf)
         if shift is not None:
@@ -381,7 +431,7 @@ def tiles_of(
             q,
             expand_heads(key[..., span.k0 : span.k1, :], heads),
             expand_heads(value[..., span.k0 : span.k1, :], heads),
-            plan.span_mask(rows, span, query.device),
+            plan,
             rows,
             span,
             score_mod,
@@ -419,15 +469,23 @@ def attend_rows(
     score_mod: ScoreMod | None = None,
     scale: float | None = None,
     dropout: Dropout | None = None,
+    flagged: tuple[Tensor, Tensor] | None = None,
 ) -> None:
     """Attention of every row block over its spans, written into ``out`` (B, H, Q, Dv) and
-    ``lse`` (B, H, Q, 1) (compute dtype; rows that see nothing stay as given)."""
+    ``lse`` (B, H, Q, 1) (compute dtype; rows that see nothing stay as given).
+
+    ``flagged`` = (key flags (B, kv_heads, K), seen (B, H, Q) bool): each row that sees a
+    flagged key through the spans' masks is set in ``seen`` (NaN keys: see kernels/base.py).
+    """
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
     for rows in plan.rows:
-        results = [
-            tile_forward(tile)
-            for tile in tiles_of(query, key, value, plan, rows, score_mod, scale, dropout)
-        ]
+        results = []
+        for tile in tiles_of(query, key, value, plan, rows, score_mod, scale, dropout):
+            results.append(tile_forward(tile))
+            if flagged is not None:
+                flags, seen = flagged
+                span_flags = flags[..., tile.span.k0 : tile.span.k1]
+                seen[..., rows.q0 : rows.q1] |= rows_seeing(span_flags, tile.mask, query.shape[1])
         if results:
             outs, lses = zip(*results, strict=True)
             merge(

@@ -45,12 +45,21 @@ class _TiledAttention(torch.autograd.Function):
         score_mod: ScoreMod | None,
         dropout: Dropout | None,
         broken: Tensor,
+        key_flags: Tensor | None,
         *mod_tensors: Tensor,
     ) -> tuple[Tensor, Tensor]:
         compute = torch.float64 if query.dtype == torch.float64 else torch.float32
-        out = query.new_zeros(*query.shape[:3], value.shape[-1], dtype=compute)
-        lse = query.new_full((*query.shape[:3], 1), -torch.inf, dtype=compute)
-        engine.attend_rows(query, key, value, plan, out, lse, score_mod, scale, dropout)
+        batch, heads, q_len = query.shape[:3]
+        # Rows that no span visits stay 0; when every row is visited, nothing need be cleared.
+        new = torch.empty if all(rows.spans for rows in plan.rows) else torch.zeros
+        out = new(batch, heads, q_len, value.shape[-1], dtype=compute, device=query.device)
+        lse = query.new_full((batch, heads, q_len, 1), -torch.inf, dtype=compute)
+        flagged = None
+        if key_flags is not None:  # the rows that see a NaN key, found span by span
+            flagged = (key_flags, torch.zeros_like(broken))
+        engine.attend_rows(query, key, value, plan, out, lse, score_mod, scale, dropout, flagged)
+        if flagged is not None:
+            broken = broken | flagged[1]
         # A NaN row passes no gradient: the backward sees it as a row that saw no key.
         lse.masked_fill_(broken.unsqueeze(-1), -torch.inf)
         output = out.to(query.dtype)
@@ -72,7 +81,7 @@ class _TiledAttention(torch.autograd.Function):
         )  # fmt: skip
         inputs = (query, key, value)
         d_query, d_key, d_value = (g.to(x.dtype) for g, x in zip(grads, inputs, strict=True))
-        return (d_query, d_key, d_value, None, None, None, None, None, *mod_grads)
+        return (d_query, d_key, d_value, None, None, None, None, None, None, *mod_grads)
 
 
 def tiled_attention(
@@ -109,8 +118,9 @@ def tiled_attention(
     mod_tensors = () if score_mod is None else score_mod.tensors
     grad = needs_grad(query, key, value, bias, *mod_tensors)
     hides = (mask is not None or bias is not None) and (bias is None or bias.dtype == torch.bool)
+    key_flags = None
     if hides:  # a boolean mask hides keys: the spans it leaves say which rows see a NaN key
-        broken = broken_queries | _rows_seeing_spans(plan, broken_keys, query.shape)
+        broken, key_flags = broken_queries, broken_keys
     else:  # every key is seen (a float bias is added: NaN + bias is NaN, as in the
         # reference, even where a structured mask adds -inf to it)
         broken = broken_queries | rows_seeing(broken_keys, bias, query.shape[1])
@@ -119,21 +129,8 @@ def tiled_attention(
     if grad:  # the backward multiplies the rows a tile leaves out by 0
         query = clean_queries(query)
     return _TiledAttention.apply(
-        query, key, value, plan, scale, score_mod, dropout, broken, *mod_tensors
+        query, key, value, plan, scale, score_mod, dropout, broken, key_flags, *mod_tensors
     )
-
-
-def _rows_seeing_spans(plan: Plan, broken_keys: Tensor, shape: torch.Size) -> Tensor:
-    """(batch, heads, q_len) bool: the rows whose visible keys include a flagged one, span
-    by span: an empty tile is skipped, a fully visible span needs no mask."""
-    batch, heads, q_len = shape[0], shape[1], shape[2]
-    seen = torch.zeros(batch, heads, q_len, dtype=torch.bool, device=broken_keys.device)
-    for rows in plan.rows:
-        for span in rows.spans:
-            mask = plan.span_mask(rows, span, broken_keys.device)
-            flags = broken_keys[..., span.k0 : span.k1]
-            seen[..., rows.q0 : rows.q1] |= rows_seeing(flags, mask, heads)
-    return seen
 
 
 def unsupported(request: Request) -> str | None:
@@ -143,10 +140,11 @@ def unsupported(request: Request) -> str | None:
     return None
 
 
-# Measured (benchmarks/bench_scale.py): block skipping beats SDPA's dense-mask path once the
-# mask leaves at most half of the tiles of a long sequence.
+# Measured (benchmarks/bench_scale.py, bench_flex.py): block skipping beats SDPA's dense-mask
+# path on a long sequence once the mask leaves at most ~3/4 of the scores (a prefix-LM at
+# N=8192 leaves 56% and runs 1.8x faster tiled).
 PREFER_MIN_KEYS = 2048
-PREFER_MAX_VISITED = 0.5
+PREFER_MAX_VISITED = 0.75
 # The reference kernel (or SDPA's dense bias) builds the score matrix; past this many bytes
 # the tiled one computes a score mod instead.
 SCORE_MATRIX_BUDGET = 1 << 28
