@@ -8,6 +8,7 @@ is checked here, before any work, with a message naming the argument; kernels re
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal, overload
 
 import torch
@@ -21,6 +22,9 @@ from .score_mods import ScoreMod, ScoreModFn, as_score_mod, chain
 from .score_mods import softcap as softcap_mod
 
 CausalArg = bool | Literal["top-left", "bottom-right"]
+# Called with (request, kernel, kernel argument) by every `attention` call while not empty: a
+# plain list, so the default path costs one truth test of a Python object.
+OBSERVERS: list[Callable[[Request, Kernel, str], None]] = []
 KernelArg = Literal["auto", "reference", "sdpa", "tiled"]
 
 __all__ = ["attention", "check_mask", "explain", "select_kernel"]
@@ -328,6 +332,8 @@ def attention(
         score_mod,
     )  # fmt: skip
     chosen = select_kernel(request, kernel)  # validates ``kernel`` even when keys are empty
+    for observer in OBSERVERS:  # empty unless `multihead.report.explain_module` is running
+        observer(request, chosen, kernel)
     if request.k_len == 0:  # nothing to attend to: every row is fully masked
         query = request.query
         broken = bad_queries(query).unsqueeze(-1)  # but a NaN/inf query row stays NaN
@@ -362,7 +368,11 @@ def explain(
         query, key, value, mask, causal, scale, dropout_p, softcap, return_weights, check_finite,
         score_mod,
     )  # fmt: skip
-    chosen = select_kernel(request, kernel)
+    return explain_request(request, select_kernel(request, kernel), kernel)
+
+
+def explain_request(request: Request, chosen: Kernel, kernel: str = "auto") -> str:
+    """`explain`'s line for a validated request and the kernel chosen for it."""
     if request.k_len == 0:
         return "none: the keys are empty, so the output is zeros"
     line = chosen.explain(request)

@@ -150,7 +150,8 @@ PREFER_MAX_VISITED = 0.75
 SCORE_MATRIX_BUDGET = 1 << 28
 
 
-def _plan(request: Request) -> Plan:
+def plan_for(request: Request) -> Plan:
+    """The plan the kernel would run for ``request`` (its spans and work fraction)."""
     return Plan.build(request.q_len, request.k_len, request.structured, request.bias)
 
 
@@ -164,7 +165,7 @@ def preferred(request: Request) -> str | None:
         return f"the score mod would need a {score_bytes / 2**30:.1f} GiB score matrix"
     if request.is_causal or request.structured is None or request.k_len < PREFER_MIN_KEYS:
         return None
-    if _plan(request).fraction <= PREFER_MAX_VISITED:
+    if plan_for(request).fraction <= PREFER_MAX_VISITED:
         return "the mask is sparse enough for block skipping to beat a dense mask"
     return None
 
@@ -184,7 +185,7 @@ def forward(request: Request) -> tuple[Tensor, None]:
 
 
 def explain(request: Request) -> str:
-    plan = _plan(request)
+    plan = plan_for(request)
     calls = sum(len(rows.spans) for rows in plan.rows)
     return (
         f"tiled: online softmax in {calls} spans over {len(plan.rows)} row blocks, "
