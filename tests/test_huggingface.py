@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 import multihead.integrations.huggingface as hf_attention
+from multihead import masks
 from multihead.integrations.huggingface import attention_forward, register
 
 REASON = "needs transformers: pip install -e '.[hf]' (make setup installs it)"
@@ -83,21 +84,42 @@ def gemma2_config(transformers, softcap: float | None = 2.0):
     )
 
 
-CAUSAL_LMS = {"llama": llama_config, "gpt2": gpt2_config, "gemma2": gemma2_config}
+def mistral_config(transformers, window: int = 4):
+    """Llama's shape with every layer sliding over ``window`` keys (shorter than the inputs)."""
+    return transformers.MistralConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        sliding_window=window,
+    )
 
 
-def twin_models(auto_class, config, implementation: str = "multihead", seed: int = 0):
-    """(eager model, same weights with ``implementation``), in eval mode.
+CAUSAL_LMS = {
+    "llama": llama_config,
+    "gpt2": gpt2_config,
+    "gemma2": gemma2_config,
+    "mistral": mistral_config,
+}
+
+
+def twin_models(
+    auto_class, config, implementation: str = "multihead", seed: int = 0, theirs: str = "eager"
+):
+    """(their model (eager unless said), same weights with ``implementation``), in eval mode.
 
     Each gets its own copy of the config: from_config writes the implementation into the
-    config it is given, so a shared one would switch the eager model too.
+    config it is given, so a shared one would switch the other model too.
     """
     torch.manual_seed(seed)
-    eager = auto_class.from_config(copy.deepcopy(config), attn_implementation="eager")
+    eager = auto_class.from_config(copy.deepcopy(config), attn_implementation=theirs)
     ours = auto_class.from_config(copy.deepcopy(config), attn_implementation=implementation)
     ours.load_state_dict(eager.state_dict())
     assert ours.config._attn_implementation == implementation
-    assert eager.config._attn_implementation == "eager"
+    assert eager.config._attn_implementation == theirs
     return eager.eval(), ours.eval()
 
 
@@ -125,6 +147,7 @@ def assert_close_where(actual: Tensor, expected: Tensor, keep: Tensor) -> None:
 def test_llama_gqa_logits_match_eager(transformers, side, monkeypatch):
     eager, ours = twin_models(transformers.AutoModelForCausalLM, llama_config(transformers))
     ids, keep = padded_batch(side)
+    sdpa_mask = transformers.masking_utils.sdpa_mask
     seen = []
 
     def spy(query, key, value, **kwargs):
@@ -139,8 +162,13 @@ def test_llama_gqa_logits_match_eager(transformers, side, monkeypatch):
     assert_close_where(actual, expected, keep)
     # GQA without copies: 4 query heads, 2 key/value heads reach multihead.attention.
     assert [(q, k) for q, k, _ in seen] == [(4, 2), (4, 2)]
-    # The padding mask arrives as a bool (True = may attend) tensor, causal part included.
-    assert all(mask.dtype == torch.bool and mask.shape == (3, 1, 9, 9) for *_, mask in seen)
+    # The padding mask arrives as one structured Mask, causal part included, shared by both
+    # layers (built once per forward), equal to the boolean mask transformers' sdpa builds.
+    first, second = (mask for *_, mask in seen)
+    assert isinstance(first, masks.Mask) and first is second
+    assert (first.q_len, first.k_len, first.batch) == (9, 9, 3)
+    expected_mask = sdpa_mask(batch_size=3, q_length=9, kv_length=9, attention_mask=keep.bool())
+    assert torch.equal(first.to_dense().expand(3, 1, 9, 9), expected_mask)
 
 
 def test_llama_without_padding_takes_the_causal_fast_path(transformers, monkeypatch):
@@ -287,6 +315,169 @@ def test_chosen_kernel_runs_and_matches_eager(transformers, kernel, monkeypatch)
         actual = ours(ids, attention_mask=keep).logits
     assert_close_where(actual, expected, keep)
     assert len(calls) == 2  # one call per layer, on the chosen kernel
+
+
+# -- structured masks: block skipping, against transformers' sdpa ---------------------------
+
+SDPA_MODELS = {"llama": llama_config, "mistral": mistral_config}
+
+
+def _probe(*_):  # a mask function transformers does not build: evaluated, not recognised
+    return lambda b, h, q, k: (q + k) % 3 != 1
+
+
+def _mask_functions(utils, batch: int) -> dict[str, tuple[object, bool]]:
+    """name: (transformers mask function, whether it has an analytic Mask)."""
+    zeros = torch.zeros(batch, dtype=torch.long)
+    return {
+        "causal": (utils.causal_mask_function, True),
+        "window": (utils.sliding_window_causal_mask_function(3), True),
+        "wide window": (utils.sliding_window_causal_mask_function(64), True),
+        "bidirectional": (utils.bidirectional_mask_function, True),
+        "chunked": (utils.chunked_causal_mask_function(4, zeros), True),
+        "chunked, shifted": (utils.chunked_causal_mask_function(4, zeros + 1), True),
+        "chunked, ragged": (utils.chunked_causal_mask_function(4, torch.arange(batch)), False),
+        "causal & custom": (utils.and_masks(utils.causal_mask_function, _probe()), False),
+        "causal | custom": (utils.or_masks(utils.causal_mask_function, _probe()), False),
+        "window overlay alone": (utils.sliding_window_overlay(3), False),
+    }
+
+
+def _paddings(batch: int, keys: int) -> dict[str, Tensor | None]:
+    """2-D attention masks over ``keys`` positions (True = a real token)."""
+    left = torch.ones(batch, keys, dtype=torch.bool)
+    left[0, :2] = False
+    right = torch.ones(batch, keys, dtype=torch.bool)
+    right[-1, keys - 3 :] = False
+    holes = torch.rand(batch, keys, generator=torch.Generator().manual_seed(5)) > 0.3
+    holes[:, -1] = True
+    return {
+        "none": None,
+        "left": left,
+        "right": right,
+        "both": left & right,
+        "holes": holes,
+        "short": torch.ones(batch, keys - 2, dtype=torch.bool),  # a static cache's tail
+    }
+
+
+# (batch, q_length, kv_length, q_offset, kv_offset): prefill; one decoding step; a chunk of
+# 3 after a cache; a sliding cache (keys from 3 on); a static cache (keys past the queries);
+# a longer prefill, so that tiles of 4 fall inside, outside and across the band
+MASK_SIZES = [(2, 9, 9, 0, 0), (3, 1, 12, 11, 0), (2, 3, 12, 9, 0), (2, 2, 7, 8, 3),
+              (2, 4, 20, 5, 0), (2, 21, 21, 0, 0)]  # fmt: skip
+
+
+@pytest.mark.parametrize("size", MASK_SIZES, ids=str)
+def test_structured_mask_is_transformers_sdpa_mask(transformers, size):
+    """Every mask function transformers builds, with every padding, at every offset: the
+    Mask equals sdpa_mask's tensor, its block structure is that of the tensor, and the kinds
+    that have an analytic Mask get one (the rest is evaluated from the function)."""
+    utils = transformers.masking_utils
+    batch, q_len, k_len, q_offset, kv_offset = size
+    sizes = {"batch_size": batch, "q_length": q_len, "kv_length": k_len}
+    sizes |= {"q_offset": q_offset, "kv_offset": kv_offset}
+    for name, (function, analytic) in _mask_functions(utils, batch).items():
+        for side, keep in _paddings(batch, kv_offset + k_len).items():
+            what = f"{name}, {side} padding"
+            args = sizes | {"mask_function": function, "attention_mask": keep}
+            expected = utils.sdpa_mask(**args, allow_is_causal_skip=False)
+            expected = expected.expand(batch, 1, q_len, k_len)
+            ours = hf_attention.structured_mask(**args, allow_is_causal_skip=False)
+            assert isinstance(ours, masks.Mask), what
+            assert torch.equal(ours.to_dense().expand(batch, 1, q_len, k_len), expected), what
+            for block in ((4, 4), (2, 3)):
+                structure = masks.classify(expected, *block)
+                got = ours.block_structure(*block).expand_as(structure)
+                assert torch.equal(got, structure), f"{what}, tiles {block}"
+            assert ("mask_function" in ours.name) != analytic, what
+            # Where sdpa needs no mask, neither do we (the causal fast path, or all seen).
+            skip = utils.sdpa_mask(**args) is None
+            assert (hf_attention.structured_mask(**args) is None) <= skip, what
+
+
+@pytest.mark.parametrize("name", sorted(SDPA_MODELS))
+@pytest.mark.parametrize("side", ["none", "left", "right"])
+@pytest.mark.parametrize("implementation", ["multihead", "multihead-tiled"])
+def test_logits_match_sdpa_with_one_shared_mask(
+    transformers, name, side, implementation, monkeypatch
+):
+    """Llama (causal) and Mistral (a window of 4 over 12 tokens), padded or not, equal
+    transformers' sdpa; the layers share one Mask, and with tiles of 4 the tiled kernel
+    visits only the tiles the mask leaves (fewer than all)."""
+    from multihead.kernels import online_softmax
+
+    monkeypatch.setattr(online_softmax, "BLOCK_Q", 4)
+    monkeypatch.setattr(online_softmax, "BLOCK_K", 4)
+    config = SDPA_MODELS[name](transformers)
+    sdpa, ours = twin_models(
+        transformers.AutoModelForCausalLM, config, implementation, theirs="sdpa"
+    )
+    lengths = (12, 12) if side == "none" else (12, 8)
+    ids, keep = padded_batch("right" if side == "none" else side, lengths, seq=12)
+    seen, visited = [], []
+
+    def spy(query, key, value, **kwargs):
+        seen.append(kwargs["mask"])
+        return attention(query, key, value, **kwargs)
+
+    tile_forward = online_softmax.tile_forward
+
+    def counting(tile):
+        visited.append(tile.q.shape[2] * tile.k.shape[2])
+        return tile_forward(tile)
+
+    attention = hf_attention.attention
+    monkeypatch.setattr(hf_attention, "attention", spy)
+    monkeypatch.setattr(online_softmax, "tile_forward", counting)
+    with torch.no_grad():
+        expected = sdpa(ids, attention_mask=keep).logits
+        actual = ours(ids, attention_mask=keep).logits
+    assert_close_where(actual, expected, keep)
+    assert len(seen) == 2 and seen[0] is seen[1]  # built once per forward, shared
+    if name == "llama" and side == "none":
+        assert seen[0] is None  # plain causal: the kernels' causal fast path
+        return
+    assert isinstance(seen[0], masks.Mask)
+    if implementation == "multihead-tiled":
+        assert 0 < sum(visited) < 2 * 12 * 12  # tiles were skipped
+
+
+@pytest.mark.parametrize("name", sorted(SDPA_MODELS))
+def test_cached_chunks_match_sdpa(transformers, name):
+    """Prefill 7 left-padded tokens, then a chunk of 3 and single tokens on the cache (the
+    window of 4 is then full): every step's logits equal sdpa's (bottom-right alignment)."""
+    config = SDPA_MODELS[name](transformers)
+    sdpa, ours = twin_models(transformers.AutoModelForCausalLM, config, theirs="sdpa")
+    ids, keep = padded_batch("left", (13, 9), seq=13)
+    caches = {}
+    with torch.no_grad():
+        for start, stop in ((0, 7), (7, 10), (10, 11), (11, 12), (12, 13)):
+            logits = []
+            for model in (sdpa, ours):
+                out = model(
+                    ids[:, start:stop],
+                    attention_mask=keep[:, :stop],
+                    cache=caches.get(id(model)),
+                    use_cache=True,
+                )
+                caches[id(model)] = out.cache
+                logits.append(out.logits)
+            assert_close_where(logits[1], logits[0], keep[:, start:stop])
+
+
+@pytest.mark.parametrize("name", sorted(SDPA_MODELS))
+def test_generate_gives_sdpa_tokens_past_the_window(transformers, name):
+    config = SDPA_MODELS[name](transformers)
+    config.tie_word_embeddings = False
+    sdpa, ours = twin_models(transformers.AutoModelForCausalLM, config, theirs="sdpa")
+    ids, keep = padded_batch("left", lengths=(6, 3), seq=6)
+    settings = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0, "use_cache": True}
+    expected = sdpa.generate(ids, attention_mask=keep, **settings)
+    actual = ours.generate(ids, attention_mask=keep, **settings)
+    assert expected.shape == (2, 6 + 8)
+    assert all(len(set(row)) > 1 for row in expected[:, 6:].tolist())  # no token echoed
+    assert torch.equal(actual, expected)
 
 
 # -- the attention function alone ----------------------------------------------------------
