@@ -115,13 +115,13 @@ class Mask:
         """EMPTY / PARTIAL / FULL for each (block_q × block_k) tile: int8 of shape
         (batch|1, heads|1, ceil(q_len/block_q), ceil(k_len/block_k)).
 
-        Computed once per tile size and cached. A kernel skips EMPTY tiles and drops the
-        mask on FULL ones.
+        Computed once per tile size and cached, on the CPU whatever the mask's device (kernels
+        plan their loops from it). A kernel skips EMPTY tiles and drops the mask on FULL ones.
         """
         _check_blocks(block_q, block_k)
         key = ("structure", block_q, block_k)
         if key not in self._cache:
-            self._cache[key] = self._structure(block_q, block_k)
+            self._cache[key] = self._structure(block_q, block_k).cpu()
         return self._cache[key]
 
     def tiles(self, block_q: int, block_k: int) -> Tensor:
@@ -242,7 +242,7 @@ class Combined(Mask):
             q0, k0 = i * block_q, j * block_k
             q1, k1 = min(q0 + block_q, self.q_len), min(k0 + block_k, self.k_len)
             tile = self.evaluate(q0, q1, k0, k1).expand(*out.shape[:2], q1 - q0, k1 - k0)
-            exact = classify(tile, block_q, block_k)[..., 0, 0]
+            exact = classify(tile, block_q, block_k)[..., 0, 0].cpu()
             out[..., i, j] = torch.where(out[..., i, j] == PARTIAL, exact, out[..., i, j])
         return out
 

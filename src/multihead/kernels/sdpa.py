@@ -59,6 +59,11 @@ def forward(request: Request) -> tuple[Tensor, None]:
     if grad:
         query = clean_queries(query)
     output = _attend(request, query, key)
+    if mask is not None and query.device.type != "cpu":
+        # The CPU kernel returns 0 for a row that sees no key; the CUDA ones do not (in fp16
+        # and bf16 such a row came out as the mean of the values, torch 2.11): zero it here.
+        visible = mask if mask.dtype == torch.bool else mask > -torch.inf
+        output = output.masked_fill(~visible.any(-1, keepdim=True), 0.0)
     return nan_rows(output, broken, in_place=not grad), None  # the backward reads output
 
 

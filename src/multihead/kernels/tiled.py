@@ -165,6 +165,10 @@ def preferred(request: Request) -> str | None:
         return f"the score mod would need a {score_bytes / 2**30:.1f} GiB score matrix"
     if request.is_causal or request.structured is None or request.k_len < PREFER_MIN_KEYS:
         return None
+    if request.query.device.type != "cpu":
+        # Measured on an H200 (gpu_tests, bench_gpu.py): off the CPU a span runs written-out
+        # steps, and SDPA with the dense mask was 50x faster for a window of 256 at N=4096.
+        return None
     if plan_for(request).fraction <= PREFER_MAX_VISITED:
         return "the mask is sparse enough for block skipping to beat a dense mask"
     return None
