@@ -433,6 +433,11 @@ class MultiHeadAttention(nn.Module):
     ) -> tuple[Tensor | None, Tensor | None, CausalArg]:
         """The cache's answer to what keys and values come from, checked; positions only for
         self-attention."""
+        if cache is not NO_CACHE and not isinstance(cache, AttentionCache):
+            raise TypeError(
+                "cache must be an AttentionCache (KVCache, SlidingWindowKVCache, "
+                f"CrossAttentionCache, or one of your own) or None, got {type(cache).__name__}"
+            )
         key, value, causal = cache.prepare(query, key, value, causal)
         self._check_inputs(query, key, value)
         if self.positions is not None and key is not query:
