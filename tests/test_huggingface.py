@@ -9,8 +9,10 @@ key gets 0 here but a uniform average in eager, and no kept position ever sees i
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -478,6 +480,25 @@ def test_generate_gives_sdpa_tokens_past_the_window(transformers, name):
     assert expected.shape == (2, 6 + 8)
     assert all(len(set(row)) > 1 for row in expected[:, 6:].tolist())  # no token echoed
     assert torch.equal(actual, expected)
+
+
+def test_benchmark_quick_runs_and_agrees(tmp_path):
+    pytest.importorskip("transformers", reason=REASON)
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_huggingface.py"
+    out = tmp_path / "huggingface.json"
+    subprocess.run(
+        [sys.executable, str(script), "--quick", "--threads", "1", "--out", str(out)],
+        check=True,
+        timeout=600,
+    )
+    result = json.loads(out.read_text())
+    for field in ("config", "machine", "rounds", "times", "paired_ratio", "max_abs_diff"):
+        assert field in result, field
+    assert set(result["times"]) == {"sdpa", "multihead"}
+    assert result["paired_ratio"] > 0
+    assert result["max_abs_diff"] < 1e-4  # same weights, same outputs
+    assert result["kernel"].startswith("tiled")  # the block-skipping path was compared
+    assert out.with_suffix(".png").stat().st_size > 0
 
 
 # -- the attention function alone ----------------------------------------------------------
