@@ -423,14 +423,14 @@ def tiles_of(
     scale: float,
     dropout: Dropout | None,
 ):
-    """The tiles of one row block, one per span, built lazily."""
-    heads = query.shape[1]
+    """The tiles of one row block, one per span, built lazily. ``key``/``value`` have the
+    query's heads (see `expand_heads`): a span is a view, no copy."""
     q = query[..., rows.q0 : rows.q1, :]
     for span in rows.spans:
         yield Tile(
             q,
-            expand_heads(key[..., span.k0 : span.k1, :], heads),
-            expand_heads(value[..., span.k0 : span.k1, :], heads),
+            key[..., span.k0 : span.k1, :],
+            value[..., span.k0 : span.k1, :],
             plan,
             rows,
             span,
@@ -478,6 +478,9 @@ def attend_rows(
     flagged key through the spans' masks is set in ``seen`` (NaN keys: see kernels/base.py).
     """
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    # Grouped-query attention: each key/value head is copied to its query group once per
+    # call (memory: the keys × the group size), not once per span.
+    key, value = expand_heads(key, query.shape[1]), expand_heads(value, query.shape[1])
     for rows in plan.rows:
         results = []
         for tile in tiles_of(query, key, value, plan, rows, score_mod, scale, dropout):
@@ -514,10 +517,16 @@ def accumulate_gradients(
     mod's tensors' gradients. ``output`` and ``lse`` are those of the query rows over all
     their keys, so the spans' gradients add up."""
     d_query, d_key, d_value = grads
-    kv_heads = key.shape[1]
+    heads, kv_heads = query.shape[1], key.shape[1]
     compute = lse.dtype
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
     mod_grads: list[Tensor | None] = [None] * (len(score_mod.tensors) if score_mod else 0)
+    key, value = expand_heads(key, heads), expand_heads(value, heads)  # once, as forward
+    if kv_heads != heads:  # per query head here; each group's sum is added at the end
+        d_key_kv, d_value_kv = d_key, d_value
+        d_key, d_value = (
+            torch.zeros(x.shape, dtype=compute, device=x.device) for x in (key, value)
+        )
     for rows in plan.rows:
         r0, r1 = rows.q0, rows.q1
         d_out, out, row_lse = grad_output[..., r0:r1, :], output[..., r0:r1, :], lse[..., r0:r1, :]
@@ -525,9 +534,12 @@ def accumulate_gradients(
             d_q, d_k, d_v, d_mod = tile_backward(tile, d_out, out, row_lse)
             s = tile.span
             d_query[..., r0:r1, :] += d_q
-            d_key[..., s.k0 : s.k1, :] += sum_groups(d_k.to(compute), kv_heads)
-            d_value[..., s.k0 : s.k1, :] += sum_groups(d_v.to(compute), kv_heads)
+            d_key[..., s.k0 : s.k1, :] += d_k
+            d_value[..., s.k0 : s.k1, :] += d_v
             for n, grad in enumerate(d_mod):
                 if grad is not None:
                     mod_grads[n] = grad if mod_grads[n] is None else mod_grads[n] + grad
+    if kv_heads != heads:
+        d_key_kv += sum_groups(d_key, kv_heads)
+        d_value_kv += sum_groups(d_value, kv_heads)
     return mod_grads
