@@ -408,3 +408,21 @@ def test_from_function_refuses_bad_arguments():
         masks.from_function(prefix_lm, 4, heads=-1)
     with pytest.raises(ValueError, match="different heads sizes"):
         masks.from_function(prefix_lm, 4, heads=2) & masks.from_function(prefix_lm, 4, heads=3)
+
+
+def test_documents_in_runs_take_their_structure_from_the_bounds(monkeypatch):
+    """Packed documents (each one contiguous run) are not evaluated pair by pair; ids that
+    come back after another document are, and both equal the pairwise classification."""
+    runs = masks.documents([[0] * 5 + [1] * 9 + [2] * 2, [4] * 10 + [7] * 6])
+    comes_back = masks.documents([0] * 5 + [1] * 9 + [0] * 2)
+    expected = {id(m): masks.Mask._structure(m, 4, 3) for m in (runs, comes_back)}
+    calls = []
+    original = masks.Mask.evaluate
+
+    def recording(self, *args, **kwargs):
+        calls.append(self.name)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(masks.Mask, "evaluate", recording)
+    assert torch.equal(runs.block_structure(4, 3), expected[id(runs)]) and calls == []
+    assert torch.equal(comes_back.block_structure(4, 3), expected[id(comes_back)]) and calls

@@ -454,7 +454,9 @@ def documents(doc_ids: Tensor | list[int] | list[list[int]]) -> Mask:
     """Block-diagonal mask for packed sequences: a token sees only tokens of its document.
 
     ``doc_ids`` is (seq,) or (batch, seq): the document each position belongs to.
-    Combine with ``causal`` for packed causal language modelling.
+    Combine with ``causal`` for packed causal language modelling. When each document is one
+    contiguous run (the usual packing), the block structure follows from the runs' bounds
+    in O(tiles); ids that come back after another document are evaluated pairwise.
     """
     ids = _as_int_tensor("doc_ids", doc_ids)
     if ids.dtype.is_floating_point or ids.dtype == torch.bool:
@@ -475,7 +477,34 @@ def documents(doc_ids: Tensor | list[int] | list[list[int]]) -> Mask:
         rows = table[:, q.view(-1)].unsqueeze(-1) == table[:, k.view(-1)].unsqueeze(-2)
         return rows.unsqueeze(1)  # (batch|1, 1, Q, K)
 
-    return Mask(seq, seq, mod, "documents", batch=batch, device=ids.device)
+    return DocumentsMask(
+        seq, seq, mod, "documents", batch=batch, device=ids.device, runs=_document_runs(ids)
+    )
+
+
+def _document_runs(ids: Tensor) -> tuple[Tensor, ...] | None:
+    """Per row, the cumulative bounds of its documents, if each is one contiguous run."""
+    runs = []
+    for row in ids.cpu():
+        values, counts = torch.unique_consecutive(row, return_counts=True)
+        if values.numel() != torch.unique(values).numel():
+            return None  # a document id comes back: not block-diagonal by runs
+        runs.append(torch.nn.functional.pad(counts.cumsum(0), (1, 0)))
+    return tuple(runs)
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class DocumentsMask(Mask):
+    """`documents`: block-diagonal by runs; the structure of each batch row is that of the
+    varlen mask of its runs."""
+
+    runs: tuple[Tensor, ...] | None = None
+
+    def _structure(self, block_q: int, block_k: int) -> Tensor:
+        if not self.runs:  # ids that come back, or a batch of none
+            return super()._structure(block_q, block_k)
+        rows = [varlen(bounds)._structure(block_q, block_k) for bounds in self.runs]
+        return torch.cat(rows, dim=0)
 
 
 def check_cu_seqlens(name: str, cu_seqlens: object) -> Tensor:
