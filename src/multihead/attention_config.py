@@ -8,7 +8,7 @@ than a layer argument: `window_mask` adds it, once per stack call, where it chan
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 import torch
@@ -23,7 +23,14 @@ Positions = Literal["rope", "alibi", "relative"] | None
 CausalArg = bool | Literal["top-left", "bottom-right"]
 SelfCache = KVCache | SlidingWindowKVCache
 
-__all__ = ["AttentionConfig", "new_self_cache", "window_mask"]
+__all__ = [
+    "AttentionConfig",
+    "from_saved",
+    "model_attention",
+    "new_self_cache",
+    "packed_check",
+    "window_mask",
+]
 
 POSITIONS = (None, "rope", "alibi", "relative")
 
@@ -78,6 +85,45 @@ class AttentionConfig:
             for name in ("positions", "rope_base", "num_buckets", "max_distance"):
                 del kwargs[name]
         return kwargs
+
+
+def from_saved(name: str, value: object) -> AttentionConfig | None:
+    """A model config's ``attention`` field: None, an `AttentionConfig`, or the dict that
+    `dataclasses.asdict` wrote into a saved config.json (unknown keys are refused)."""
+    if value is None or isinstance(value, AttentionConfig):
+        return value
+    if not isinstance(value, dict):
+        raise TypeError(
+            f"{name} must be an AttentionConfig, a dict of its fields or None, "
+            f"got {type(value).__name__}"
+        )
+    known = {f.name for f in fields(AttentionConfig)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ValueError(f"{name} has fields {unknown} that AttentionConfig does not know")
+    return AttentionConfig(**value)
+
+
+def model_attention(value: object, num_heads: int) -> AttentionConfig | None:
+    """A model config's ``attention`` for a model with a bidirectional encoder (`from_saved`,
+    then checked against ``num_heads``; the causal sliding window is refused)."""
+    attention = from_saved("attention", value)
+    if attention is None:
+        return None
+    if attention.window is not None:
+        raise ValueError(
+            f"attention.window={attention.window} is a causal sliding window, but the "
+            "encoder attends both ways"
+        )
+    kv = attention.num_kv_heads
+    if kv is not None and (
+        isinstance(kv, bool) or not isinstance(kv, int) or kv <= 0 or num_heads % kv
+    ):
+        raise ValueError(
+            f"attention.num_kv_heads must be None or a positive divisor of num_heads "
+            f"({num_heads}), got {kv!r}"
+        )
+    return attention
 
 
 def resolve(
@@ -165,3 +211,50 @@ def new_self_cache(
     if window is not None and window < max_len:
         return SlidingWindowKVCache(*sizes, window, attn.head_dim, dtype=dtype, device=device)
     return KVCache(*sizes, max_len, attn.head_dim, dtype=dtype, device=device)
+
+
+def packed_check(
+    window: int | None,
+    x: object,
+    mask: object,
+    causal: CausalArg,
+    cache: object,
+    cu_seqlens: Tensor,
+) -> None:
+    """Refuse what cannot join a packed (``cu_seqlens``) self-attention, before any work.
+
+    Each sequence attends only to itself, so a mask over the packed tokens has no meaning
+    here and a cache has no batch rows to hold; a sliding window shorter than a sequence
+    would need a mask per sequence, so it is refused (a window that holds every sequence
+    whole changes nothing and is allowed).
+    """
+    if mask is not None:
+        raise ValueError(
+            "mask cannot be combined with cu_seqlens: each packed sequence already attends "
+            "only to itself (use causal=True, or a padded batch with a mask)"
+        )
+    if cache is not None:
+        raise ValueError("a cache cannot be combined with cu_seqlens: decode a padded batch")
+    if causal not in (False, True, "top-left", "bottom-right"):
+        raise ValueError(
+            f"causal must be True, False, 'top-left' or 'bottom-right', got {causal!r}"
+        )
+    if not isinstance(x, Tensor) or x.ndim != 2:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(
+            f"with cu_seqlens, x must be packed as (total_tokens, d_model), got {shape}"
+        )
+    cu = masks_lib.check_cu_seqlens("cu_seqlens", cu_seqlens)
+    if int(cu[-1]) != x.shape[0]:
+        raise ValueError(f"cu_seqlens ends at {int(cu[-1])} but x packs {x.shape[0]} tokens")
+    if window is None:
+        return
+    if causal is False:
+        raise ValueError(f"window={window} is a causal sliding window: call with causal=True")
+    longest = int(cu.diff().max()) if cu.numel() > 1 else 0
+    if longest > window:
+        raise ValueError(
+            f"the layers' sliding window ({window}) is shorter than the longest packed "
+            f"sequence ({longest} tokens), and cu_seqlens cannot express a window per "
+            "sequence: pass a padded batch with a mask instead"
+        )

@@ -5,6 +5,8 @@ with dropout and a norm. ``norm_first=False`` is the paper's post-norm,
 ``x = norm(x + sublayer(x))``; ``norm_first=True`` (default) is pre-norm,
 ``x = x + sublayer(norm(x))``, which trains deep stacks without warm-up tricks and needs a
 final norm after the stack. Inputs are (batch, seq, d_model); masks are True = may attend.
+With ``cu_seqlens=`` the encoder and decoder-only layers and stacks take a packed ragged
+batch instead, (total_tokens, d_model), each sequence attending only to itself.
 
 One `AttentionConfig` (``attention=``) reaches every `MultiHeadAttention` of a layer or a
 stack: positions (RoPE, ALiBi, T5's bias), soft-capping, QK-norm, GQA, projection bias and a
@@ -25,6 +27,7 @@ from .attention_config import (
     CausalArg,
     SelfCache,
     new_self_cache,
+    packed_check,
     resolve,
     window_mask,
 )
@@ -197,8 +200,17 @@ class EncoderLayer(nn.Module):
         mask: Mask | Tensor | None = None,
         causal: CausalArg = False,
         cache: SelfCache | None = None,
+        cu_seqlens: Tensor | None = None,
     ) -> Tensor:
-        """x (batch, seq, d_model) → same shape. ``cache`` decodes causally step by step."""
+        """x (batch, seq, d_model) → same shape. ``cache`` decodes causally step by step.
+
+        With ``cu_seqlens`` (batch + 1,) x is a packed ragged batch (total_tokens, d_model):
+        each sequence attends only to itself (`MultiHeadAttention.forward_packed`); no mask
+        or cache joins it.
+        """
+        if cu_seqlens is not None:
+            packed_check(self.window, x, mask, causal, cache, cu_seqlens)
+            return self.block(x, mask=None, causal=causal, cache=None, cu_seqlens=cu_seqlens)
         mask, causal = self.self_attention_mask(x, mask, causal, cache)
         return self.block(x, mask=mask, causal=causal, cache=cache)
 
@@ -209,10 +221,13 @@ class EncoderLayer(nn.Module):
         mask: Mask | Tensor | None,
         causal: CausalArg,
         cache: SelfCache | None,
+        cu_seqlens: Tensor | None = None,
     ) -> Tensor:
         """The layer once its mask holds the window: a stack builds that mask once for all."""
 
         def self_attention(h: Tensor) -> Tensor:
+            if cu_seqlens is not None:  # packed: (total_tokens, d_model)
+                return self.dropout1(self.self_attn.forward_packed(h, cu_seqlens, causal=causal))
             return self.dropout1(self.self_attn(h, mask=mask, causal=causal, cache=cache))
 
         def feed_forward(h: Tensor) -> Tensor:
@@ -250,9 +265,13 @@ class DecoderOnlyLayer(EncoderLayer):
         mask: Mask | Tensor | None = None,
         causal: CausalArg = True,
         cache: SelfCache | None = None,
+        cu_seqlens: Tensor | None = None,
     ) -> Tensor:
-        """x (batch, seq, d_model) → same shape; ``mask`` (e.g. documents) joins causal."""
-        return super().forward(x, mask=mask, causal=causal, cache=cache)
+        """x (batch, seq, d_model) → same shape; ``mask`` (e.g. documents) joins causal.
+
+        ``cu_seqlens``: x is packed (total_tokens, d_model), as in `EncoderLayer.forward`.
+        """
+        return super().forward(x, mask=mask, causal=causal, cache=cache, cu_seqlens=cu_seqlens)
 
 
 class DecoderLayer(nn.Module):
@@ -460,11 +479,19 @@ class Encoder(_Stack):
         mask: Mask | Tensor | None = None,
         causal: CausalArg = False,
         caches: list[SelfCache] | None = None,
+        cu_seqlens: Tensor | None = None,
     ) -> Tensor:
         """Run every layer; ``caches`` holds one cache per layer when decoding.
 
-        The sliding-window mask is built once here and shared by every layer.
+        The sliding-window mask is built once here and shared by every layer. With
+        ``cu_seqlens`` (batch + 1,) x is a packed ragged batch (total_tokens, d_model) and
+        each sequence attends only to itself, as if run alone (no mask, no caches).
         """
+        if cu_seqlens is not None:
+            packed_check(self.layers[0].window, x, mask, causal, caches, cu_seqlens)
+            for layer in self.layers:
+                x = layer.block(x, mask=None, causal=causal, cache=None, cu_seqlens=cu_seqlens)
+            return x if self.norm is None else self.norm(x)
         self._check_caches("caches", caches)
         first = self.layers[0]
         mask, causal = first.self_attention_mask(
@@ -488,9 +515,13 @@ class DecoderOnly(Encoder):
         mask: Mask | Tensor | None = None,
         causal: CausalArg = True,
         caches: list[SelfCache] | None = None,
+        cu_seqlens: Tensor | None = None,
     ) -> Tensor:
-        """Run every layer; ``mask`` (e.g. `masks.documents`) joins the causal mask."""
-        return super().forward(x, mask=mask, causal=causal, caches=caches)
+        """Run every layer; ``mask`` (e.g. `masks.documents`) joins the causal mask.
+
+        ``cu_seqlens``: x is packed (total_tokens, d_model), as in `Encoder.forward`.
+        """
+        return super().forward(x, mask=mask, causal=causal, caches=caches, cu_seqlens=cu_seqlens)
 
 
 class Decoder(_Stack):
