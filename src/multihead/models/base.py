@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -24,7 +27,14 @@ from torch import nn
 
 from ..safe_files import Header, check_against, read_header
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PretrainedMixin", "check_input", "check_token_ids"]
+__all__ = [
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "PretrainedMixin",
+    "check_input",
+    "check_token_ids",
+    "validate_token_ids",
+]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -34,9 +44,38 @@ MAX_REBUILT_BYTES = 1 << 28
 
 M = TypeVar("M", bound="PretrainedMixin")
 
+_VALIDATE_IDS: ContextVar[bool] = ContextVar("validate_token_ids", default=True)
 
-def check_token_ids(name: str, ids: object, vocab_size: int, weight: torch.Tensor) -> torch.Tensor:
-    """Token ids must be an integer (batch, seq) tensor of ids < vocab_size beside ``weight``."""
+
+@contextmanager
+def validate_token_ids(enabled: bool) -> Iterator[None]:
+    """Within the block, models check the range of their token ids (True, the default
+    outside any block) or skip it (False: no host sync per forward, for a hot GPU loop
+    whose ids are known good; a bad id then fails inside the embedding instead)."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    token = _VALIDATE_IDS.set(enabled)
+    try:
+        yield
+    finally:
+        _VALIDATE_IDS.reset(token)
+
+
+def check_token_ids(
+    name: str,
+    ids: object,
+    vocab_size: int,
+    weight: torch.Tensor,
+    *,
+    validate: bool | None = None,
+) -> torch.Tensor:
+    """Token ids must be an integer (batch, seq) tensor of ids < vocab_size beside ``weight``.
+
+    Type, shape and device are checked always (they cost nothing). The range of the ids
+    needs their min and max on the host, a device sync that also breaks
+    ``torch.compile(fullgraph=True)``: ``validate`` None (default) checks it except while
+    torch.compile traces or inside ``validate_token_ids(False)``; False never, True always.
+    """
     if not isinstance(ids, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(ids).__name__}")
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
@@ -45,10 +84,13 @@ def check_token_ids(name: str, ids: object, vocab_size: int, weight: torch.Tenso
         raise ValueError(f"{name} must be 2-D (batch, seq), got shape {tuple(ids.shape)}")
     if ids.device != weight.device:
         raise ValueError(f"{name} is on {ids.device} but the model is on {weight.device}")
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-        raise ValueError(
-            f"{name} has ids in [{int(ids.min())}, {int(ids.max())}] but vocab_size is {vocab_size}"
-        )
+    if validate is None:
+        # is_compiling first: torch.compile never traces the ContextVar.
+        validate = not torch.compiler.is_compiling() and _VALIDATE_IDS.get()
+    if validate and ids.numel():
+        low, high = torch.stack(torch.aminmax(ids)).tolist()  # one host sync
+        if low < 0 or high >= vocab_size:
+            raise ValueError(f"{name} has ids in [{low}, {high}] but vocab_size is {vocab_size}")
     return ids
 
 

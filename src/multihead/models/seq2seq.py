@@ -19,10 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..attention_config import AttentionConfig, model_attention
 from ..cache import CrossAttentionCache, KVCache
 from ..positional import LearnedPositions, SinusoidalPositions
 from ..transformer import Decoder, Encoder
-from .base import PretrainedMixin
+from .base import PretrainedMixin, check_token_ids
 
 __all__ = ["Seq2SeqConfig", "Seq2SeqTransformer"]
 
@@ -31,7 +32,15 @@ Caches = tuple[list[KVCache], list[CrossAttentionCache]]
 
 @dataclass
 class Seq2SeqConfig:
-    """Sizes and special token ids; the defaults are a small model (the paper's base: 512/8/6)."""
+    """Sizes and special token ids; the defaults are a small model (the paper's base: 512/8/6).
+
+    ``positions`` are added to the embeddings ("sinusoidal", "learned") or not at all (None,
+    when ``attention`` puts them inside attention). ``attention`` reaches every attention of
+    both stacks: GQA, QK-norm, soft-capping, projection bias and positions ("rope", "alibi",
+    "relative"; self-attention only, cross-attention has none). Its sliding window is
+    refused: the encoder attends both ways. None (and configs saved before it existed) is
+    the paper's attention.
+    """
 
     vocab_size: int
     d_model: int = 256
@@ -46,7 +55,8 @@ class Seq2SeqConfig:
     eos_id: int = 2
     norm_first: bool = True
     share_embeddings: bool = True
-    positions: Literal["sinusoidal", "learned"] = "sinusoidal"
+    positions: Literal["sinusoidal", "learned"] | None = "sinusoidal"
+    attention: AttentionConfig | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "num_heads", "num_encoder_layers",
@@ -70,8 +80,18 @@ class Seq2SeqConfig:
                 )
         if len(set(ids.values())) != 3:
             raise ValueError(f"pad_id, bos_id and eos_id must differ, got {ids}")
-        if self.positions not in ("sinusoidal", "learned"):
-            raise ValueError(f"positions must be 'sinusoidal' or 'learned', got {self.positions!r}")
+        self.attention = attention = model_attention(self.attention, self.num_heads)
+        inside = None if attention is None else attention.positions
+        if self.positions not in ("sinusoidal", "learned", None):
+            raise ValueError(
+                f"positions must be 'sinusoidal', 'learned' or None, got {self.positions!r}"
+            )
+        if self.positions is None and inside is None:
+            raise ValueError(
+                "positions=None needs positions inside attention (attention=AttentionConfig("
+                "positions='rope', 'alibi' or 'relative')): without either the encoder "
+                "cannot tell word order"
+            )
 
 
 class Seq2SeqTransformer(PretrainedMixin, nn.Module):
@@ -90,15 +110,16 @@ class Seq2SeqTransformer(PretrainedMixin, nn.Module):
             self.src_embedding = nn.Embedding(c.vocab_size, c.d_model)
             self.tgt_embedding = nn.Embedding(c.vocab_size, c.d_model)
             self.generator = nn.Linear(c.d_model, c.vocab_size, bias=False)
-        self.positions: SinusoidalPositions | LearnedPositions = (
-            SinusoidalPositions(c.d_model, c.max_len)
-            if c.positions == "sinusoidal"
-            else LearnedPositions(c.d_model, c.max_len)
-        )
+        self.positions: SinusoidalPositions | LearnedPositions | None = None
+        if c.positions == "sinusoidal":
+            self.positions = SinusoidalPositions(c.d_model, c.max_len)
+        elif c.positions == "learned":
+            self.positions = LearnedPositions(c.d_model, c.max_len)
         self.dropout = nn.Dropout(c.dropout)
         stack = (c.d_model, c.num_heads, c.dim_feedforward, c.dropout)
-        self.encoder = Encoder(c.num_encoder_layers, *stack, norm_first=c.norm_first)
-        self.decoder = Decoder(c.num_decoder_layers, *stack, norm_first=c.norm_first)
+        options = {"norm_first": c.norm_first, "attention": c.attention}
+        self.encoder = Encoder(c.num_encoder_layers, *stack, **options)
+        self.decoder = Decoder(c.num_decoder_layers, *stack, **options)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -117,21 +138,8 @@ class Seq2SeqTransformer(PretrainedMixin, nn.Module):
 
     # -- the pieces --------------------------------------------------------------------------
     def _check_ids(self, name: str, ids: object) -> Tensor:
-        if not isinstance(ids, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(ids).__name__}")
-        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-            raise TypeError(f"{name} must hold integer token ids, got {ids.dtype}")
-        if ids.ndim != 2:
-            raise ValueError(f"{name} must be 2-D (batch, seq), got shape {tuple(ids.shape)}")
-        weight = next(self.parameters())
-        if ids.device != weight.device:
-            raise ValueError(f"{name} is on {ids.device} but the model is on {weight.device}")
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
-            raise ValueError(
-                f"{name} has ids in [{int(ids.min())}, {int(ids.max())}] but vocab_size is "
-                f"{self.config.vocab_size}"
-            )
-        return ids
+        """`check_token_ids`: the range check is skipped while compiling."""
+        return check_token_ids(name, ids, self.config.vocab_size, next(self.parameters()))
 
     def _embed(self, ids: Tensor, side: Literal["src", "tgt"], offset: int = 0) -> Tensor:
         """Token embedding · sqrt(d_model) + position, then dropout (§3.4, §5.4)."""
@@ -140,7 +148,9 @@ class Seq2SeqTransformer(PretrainedMixin, nn.Module):
         else:
             table = self.src_embedding if side == "src" else self.tgt_embedding
         x = table(ids) * math.sqrt(self.config.d_model)
-        return self.dropout(self.positions(x, offset))
+        if self.positions is not None:
+            x = self.positions(x, offset)
+        return self.dropout(x)
 
     def _logits(self, h: Tensor) -> Tensor:
         if self.config.share_embeddings:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..attention_config import AttentionConfig, model_attention
 from ..masks import padding
 from ..positional import SinusoidalPositions
 from ..transformer import Encoder
@@ -48,6 +49,9 @@ class SpeechEncoderConfig:
     hop_length: int = 80
     f_min: float = 20.0
     mel_scale: str = "htk"
+    # Options of every attention layer (GQA, QK-norm, softcap, RoPE/ALiBi/relative positions);
+    # None, as in configs saved before it existed, is plain attention.
+    attention: AttentionConfig | None = None
 
     def __post_init__(self) -> None:
         for name in ("n_mels", "vocab_size", "d_model", "num_heads", "num_layers",
@@ -69,6 +73,7 @@ class SpeechEncoderConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.activation not in ("relu", "gelu"):
             raise ValueError(f"activation must be 'relu' or 'gelu', got {self.activation!r}")
+        self.attention = model_attention(self.attention, self.num_heads)
 
 
 def subsampled_length(lengths: Tensor) -> Tensor:
@@ -119,6 +124,7 @@ class SpeechEncoder(PretrainedMixin, nn.Module):
             c.num_heads,
             c.dim_feedforward,
             c.dropout,
+            attention=c.attention,
             activation=c.activation,  # type: ignore[arg-type]
         )
         self.head = nn.Linear(c.d_model, c.vocab_size)

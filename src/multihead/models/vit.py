@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from ..attention_config import AttentionConfig, model_attention
 from ..positional import LearnedPositions
 from ..transformer import Encoder
 from .base import PretrainedMixin, check_input
@@ -43,6 +44,9 @@ class ViTConfig:
     dim_feedforward: int = 128
     dropout: float = 0.0
     activation: Literal["relu", "gelu"] = "gelu"
+    # Options of every attention layer (GQA, QK-norm, softcap, RoPE/ALiBi/relative positions);
+    # None, as in configs saved before it existed, is plain attention.
+    attention: AttentionConfig | None = None
 
     def __post_init__(self) -> None:
         for name in ("image_size", "in_channels", "patch_size", "num_classes", "d_model",
@@ -73,6 +77,7 @@ class ViTConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.activation not in ("relu", "gelu"):
             raise ValueError(f"activation must be 'relu' or 'gelu', got {self.activation!r}")
+        self.attention = model_attention(self.attention, self.num_heads)
 
     @property
     def kernel(self) -> int:
@@ -112,6 +117,7 @@ class ViT(PretrainedMixin, nn.Module):
             c.num_heads,
             c.dim_feedforward,
             c.dropout,
+            attention=c.attention,
             activation=c.activation,
         )
         self.head = nn.Linear(c.d_model, c.num_classes)
