@@ -6,7 +6,7 @@ Layout inside the library is (batch, heads, seq, head_dim); modules take
 
 from . import compat, masks, score_mods
 from .attention_config import AttentionConfig
-from .cache import CrossAttentionCache, KVCache, SlidingWindowKVCache
+from .cache import AttentionCache, CrossAttentionCache, KVCache, SlidingWindowKVCache
 from .distributed import RingAttention, ring_attention
 from .functional import attention, explain
 from .kernels.weights import tiled_weights as attention_weights
@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = ["Mask", "MultiHeadAttention", "attention", "compat", "explain", "masks", "__version__"]
 __all__ += ["score_mods"]
-__all__ += ["CrossAttentionCache", "KVCache"]
+__all__ += ["AttentionCache", "CrossAttentionCache", "KVCache"]
 __all__ += ["Decoder", "DecoderLayer", "Encoder", "EncoderLayer"]
 __all__ += ["AttentionConfig", "DecoderOnly", "DecoderOnlyLayer"]
 __all__ += ["LMConfig", "Seq2SeqConfig", "Seq2SeqTransformer", "TransformerLM"]

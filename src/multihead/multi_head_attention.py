@@ -12,7 +12,6 @@ packed ragged batch.
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextvars import ContextVar
 from typing import Literal, overload
 
 import torch
@@ -32,15 +31,14 @@ from .varlen import attention_varlen
 NeedWeights = Literal[False, "mean", "per_head"]
 PositionsArg = Literal["rope", "alibi", "relative"] | None
 
-__all__ = ["MultiHeadAttention", "weights_recorder"]
+__all__ = ["MultiHeadAttention", "weights_recorders"]
 
-# While set (by `multihead.viz.capture_attention`), every MultiHeadAttention hands its per-head
-# weights to this callable. The output still comes from the kernel that runs without a
-# capture; the weights are computed beside it (the reference kernel, without autograd).
-# Unset (the default) it costs one lookup.
-weights_recorder: ContextVar[Callable[[MultiHeadAttention, Tensor], None] | None] = ContextVar(
-    "multihead_weights_recorder", default=None
-)
+# While not empty (inside `multihead.viz.capture_attention`), every MultiHeadAttention hands
+# its per-head weights to the last of these callables. The output still comes from the kernel
+# that runs without a capture; the weights are computed beside it (the reference kernel,
+# without autograd). Empty (the default) it costs one truth test of a list: a plain Python
+# object, which torch.compile reads as a constant (a ContextVar it cannot trace).
+weights_recorders: list[Callable[[MultiHeadAttention, Tensor], None]] = []
 
 
 def _check_positive_int(name: str, value: object) -> int:
@@ -258,6 +256,22 @@ class MultiHeadAttention(nn.Module):
             return q, k
         return self.rotary(q, offset, positions), self.rotary(k, offset, positions)
 
+    def project_heads(
+        self, query: Tensor, key: Tensor, value: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The layer's first steps, for callers that attend their own way (ring attention):
+        inputs checked, projected and split into heads (QK-norm applied), not yet rotated
+        (see `rotate`). q (B, H, Lq, D); k, v (B, Hkv, Lk, D)."""
+        self._check_inputs(query, key, value)
+        return self._heads(*self._project(query, key, value))
+
+    def rotate(
+        self, q: Tensor, k: Tensor, offset: int = 0, positions: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """RoPE on heads from `project_heads`, at ``positions`` (default offset, offset+1, ...);
+        a no-op without ``positions="rope"``."""
+        return self._rotate(q, k, offset, positions)
+
     @property
     def has_position_bias(self) -> bool:
         """Whether the scores get a position-dependent bias (ALiBi, T5), which reads the keys
@@ -458,13 +472,13 @@ class MultiHeadAttention(nn.Module):
         need_weights: bool,
     ) -> tuple[Tensor, Tensor | None]:
         """`attention` over the heads, with the weights when asked for. Under a capture
-        (`weights_recorder` set) the weights are computed beside the output, by the reference
+        (`weights_recorders` not empty) the weights are computed beside the output, by the reference
         kernel without autograd, so the output is the one computed without a capture."""
         options = {"mask": mask, "causal": causal, "softcap": self.softcap, "score_mod": score_mod}
         dropout = self.dropout if self.training else 0.0
         result = attention(q, k, v, dropout_p=dropout, return_weights=need_weights, **options)
         heads, weights = result if isinstance(result, tuple) else (result, None)
-        recorder = weights_recorder.get()
+        recorder = weights_recorders[-1] if weights_recorders else None
         if recorder is not None and weights is not None:
             recorder(self, weights)
         elif recorder is not None:

@@ -73,12 +73,11 @@ class RingAttention(nn.Module):
                 f"attention dropout ({mha.dropout}) is not supported by ring attention; "
                 "build the layer with dropout=0 or call eval()"
             )
-        mha._check_inputs(query, query, query)
-        q, k, v = mha._heads(*mha._project(query, query, query))
+        q, k, v = mha.project_heads(query, query, query)
         if mha.rotary is not None:  # RoPE needs the tokens' places in the whole sequence
             ring = Ring.of(self.group)
             positions = Layout.gather(q, k, v, ring, self.zigzag).positions(ring.rank, q.device)
-            q, k = mha._rotate(q, k, positions=positions)
+            q, k = mha.rotate(q, k, positions=positions)
         # Query and key lengths are equal, so bottom-right causal is top-left causal.
         out = ring_attention(
             q, k, v, group=self.group, causal=bool(causal), zigzag=self.zigzag, softcap=mha.softcap

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -54,15 +53,22 @@ class Request:
     def k_len(self) -> int:
         return self.key.shape[2]
 
-    @cached_property
+    _dense: list[Tensor | None] = field(default_factory=list, repr=False, compare=False)
+
+    @property
     def mask(self) -> Tensor | None:
-        """The whole mask as one dense tensor (bool, or float when a bias was given).
+        """The whole mask as one dense tensor (bool, or float when a bias was given), built
+        on first use (the tiled kernel never asks) and kept (a list, not functools'
+        cached_property, whose lock torch.compile cannot trace).
 
         None when there is no mask, or when ``is_causal`` (the fast path needs no tensor).
         """
         if self.is_causal or self.structured is None:
             return self.bias
-        return combine_masks(self.structured.to_dense(self.query.device), self.bias)
+        if not self._dense:
+            allowed = self.structured.to_dense(self.query.device)
+            self._dense.append(combine_masks(allowed, self.bias))
+        return self._dense[0]
 
 
 def combine_masks(allowed: Tensor | None, bias: Tensor | None) -> Tensor | None:

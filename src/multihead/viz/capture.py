@@ -4,8 +4,8 @@
         model(src, tgt)
     captured["decoder.layers.0.cross_attn"]  # (batch, heads, q_len, k_len)
 
-The model's code is not changed and nothing is hooked: the layer consults a context variable
-(`multihead.multi_head_attention.weights_recorder`), which is set only inside the ``with``
+The model's code is not changed and nothing is hooked: the layer consults a module-level list
+(`multihead.multi_head_attention.weights_recorders`), which holds it only inside the ``with``
 block. A capture does not change the model's outputs: each layer runs the kernel it runs
 without one, and computes the weights beside it (the float reference kernel, without
 autograd), so inside the block every layer costs one extra weights pass.
@@ -19,7 +19,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from ..multi_head_attention import MultiHeadAttention, weights_recorder
+from ..multi_head_attention import MultiHeadAttention, weights_recorders
 
 __all__ = ["CapturedAttention", "capture_attention"]
 
@@ -93,8 +93,8 @@ def capture_attention(
                 weights if device is None else weights.to(device)
             )
 
-    token = weights_recorder.set(record)
+    weights_recorders.append(record)
     try:
         yield captured
     finally:
-        weights_recorder.reset(token)
+        weights_recorders.remove(record)
