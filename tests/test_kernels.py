@@ -448,3 +448,29 @@ def test_custom_scale(gen):
     for kernel in KERNEL_NAMES:
         got = attention(q, k, v, scale=0.3, kernel=kernel)
         torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_sdpa_opens_empty_rows_where_the_fused_kernel_does_not_zero_them(monkeypatch, kind, gen):
+    """Off the CPU (CUDA in fp16/bf16) SDPA's own result for a row that sees no key is not 0
+    and its d_query NaN: such rows run over every key and are then set to 0. The same path,
+    forced here on the CPU, equals the float64 reference, output and gradients."""
+    from multihead.kernels import sdpa
+
+    monkeypatch.setattr(sdpa, "ZEROES_EMPTY_ROWS", set())
+    q, k, v = (t.requires_grad_() for t in make_qkv(generator=gen))
+    allowed = torch.rand(2, 1, 5, 7, generator=gen) < 0.6
+    allowed[0, 0, 2] = False  # an empty row
+    mask = (
+        allowed if kind == "bool" else torch.zeros(allowed.shape).masked_fill(~allowed, -math.inf)
+    )
+    out = attention(q, k, v, mask=mask, kernel="sdpa")
+    assert (out[0, :, 2] == 0).all()
+    assert_close_to(out, reference64(q, k, v, mask=mask), torch.float32)
+    got = torch.autograd.grad(out.square().sum(), (q, k, v))
+    q64, k64, v64 = (to64(t).requires_grad_() for t in (q, k, v))
+    want = torch.autograd.grad(
+        reference64(q64, k64, v64, mask=mask).square().sum(), (q64, k64, v64)
+    )
+    for g, w in zip(got, want, strict=True):
+        assert_close_to(g, w, torch.float32, grad=True)

@@ -22,6 +22,9 @@ from .base import (
 from .reference import causal_mask, score_indices
 
 NAME = "sdpa"
+# Devices whose fused kernels give a row that sees no key output 0 and gradients 0 (checked
+# by tests/ on the CPU; gpu_tests/ found CUDA's do not, in fp16/bf16, torch 2.11).
+ZEROES_EMPTY_ROWS = {"cpu"}
 
 
 def unsupported(request: Request) -> str | None:
@@ -58,17 +61,23 @@ def forward(request: Request) -> tuple[Tensor, None]:
     key = clean_keys(key)
     if grad:
         query = clean_queries(query)
-    output = _attend(request, query, key)
-    if mask is not None and query.device.type != "cpu":
-        # The CPU kernel returns 0 for a row that sees no key; the CUDA ones do not (in fp16
-        # and bf16 such a row came out as the mean of the values, torch 2.11): zero it here.
+    if mask is None or query.device.type in ZEROES_EMPTY_ROWS:
+        output = _attend(request, query, key)
+    else:
+        # The CPU kernel returns 0 for a row that sees no key, with gradients 0; the CUDA
+        # ones do not (fp16/bf16, torch 2.11: the mean of the values, and NaN in d_query).
+        # Such a row is run over every key instead, then set to 0, which stops its gradient.
         visible = mask if mask.dtype == torch.bool else mask > -torch.inf
-        output = output.masked_fill(~visible.any(-1, keepdim=True), 0.0)
+        empty = ~visible.any(-1, keepdim=True)
+        opened = mask | empty if mask.dtype == torch.bool else mask.masked_fill(empty, 0.0)
+        output = _attend(request, query, key, opened).masked_fill(empty, 0.0)
     return nan_rows(output, broken, in_place=not grad), None  # the backward reads output
 
 
-def _attend(request: Request, query: Tensor, key: Tensor) -> Tensor:
-    mask, is_causal = request.mask, request.is_causal
+def _attend(request: Request, query: Tensor, key: Tensor, mask: Tensor | None = None) -> Tensor:
+    """SDPA on the request, under ``mask`` when given (else the request's own)."""
+    mask = request.mask if mask is None else mask
+    is_causal = request.is_causal
     if request.score_mod is not None:  # an additive score mod, as a dense bias
         shape = torch.Size((1, request.num_heads, request.q_len, request.k_len))
         _, h, q, k = score_indices(shape, query.device)
