@@ -34,6 +34,8 @@ RESULTS = Path(__file__).parent / "results"
 
 def document_lengths(total: int, count: int, low: int, high: int, seed: int = 0) -> list[int]:
     """``count`` lengths in [low, high] summing to ``total`` (seeded)."""
+    if not count * low <= total <= count * high:
+        raise ValueError(f"{count} lengths in [{low}, {high}] cannot sum to {total}")
     generator = torch.Generator().manual_seed(seed)
     while True:
         lengths = torch.randint(low, high + 1, (count - 1,), generator=generator).tolist()
@@ -44,8 +46,8 @@ def document_lengths(total: int, count: int, low: int, high: int, seed: int = 0)
 
 def cases(n: int, window: int, prefix: int, heads: int) -> dict[str, dict]:
     """Each case: our mask / score mod, and Flex's mask_mod / score_mod for the same thing."""
-    count = 13 if n >= 8192 else 4
-    lengths = document_lengths(n, count, max(1, n // 128), n // 8)
+    count, high = (13, n // 8) if n >= 8192 else (4, n // 2)  # 64..1024 tokens at 8192
+    lengths = document_lengths(n, count, max(1, n // 128), high)
     doc_ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
     slopes = score_mods.alibi(heads).slopes
 
@@ -123,6 +125,8 @@ def run(args: argparse.Namespace) -> dict:
     flex = torch.compile(flex_attention, dynamic=False)
     results = []
     for name, case in cases(n, args.window, args.prefix, h).items():
+        if args.cases and not any(word in name for word in args.cases):
+            continue
         mask_mod, score_mod = case["flex"]
         block_mask = create_block_mask(mask_mod, None, None, n, n, device="cpu")
         ours_kwargs = case["ours"]
@@ -224,6 +228,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-train", dest="train", action="store_false")
+    parser.add_argument("--cases", nargs="+", help="only the cases whose name holds a word")
     parser.add_argument("--quick", action="store_true", help="B=1, H=2, N=512: for the tests")
     parser.add_argument("--out", type=Path, default=RESULTS / "flex.json")
     args = parser.parse_args()

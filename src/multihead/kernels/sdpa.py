@@ -106,7 +106,9 @@ def _attend(request: Request, query: Tensor, key: Tensor, mask: Tensor | None = 
 
 
 def explain(request: Request) -> str:
-    if request.is_causal:
+    if request.is_causal and request.score_mod is not None:
+        how = "the causal mask as a dense tensor (SDPA takes a bias or is_causal, not both)"
+    elif request.is_causal:
         how = "is_causal fast path (plain causal mask, no mask tensor built)"
     elif request.mask is None:
         how = "no mask"
