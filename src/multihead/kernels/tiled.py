@@ -71,17 +71,29 @@ class _TiledAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: Tensor, grad_lse: Tensor):
         query, key, value, output, lse = ctx.saved_tensors
-        compute = lse.dtype
-        grads = tuple(
-            torch.zeros(x.shape, dtype=compute, device=x.device) for x in (query, key, value)
-        )
-        mod_grads = engine.accumulate_gradients(
-            grad_output.contiguous(), query, key, value, output, lse, grads, ctx.plan,
-            ctx.score_mod, ctx.scale, ctx.dropout,
-        )  # fmt: skip
+        grad_output = grad_output.contiguous()
+        plan, score_mod, scale, dropout = ctx.plan, ctx.score_mod, ctx.scale, ctx.dropout
         inputs = (query, key, value)
-        d_query, d_key, d_value = (g.to(x.dtype) for g, x in zip(grads, inputs, strict=True))
-        return (d_query, d_key, d_value, None, None, None, None, None, None, *mod_grads)
+        spans = plan.rows[0].spans if len(plan.rows) == 1 else ()
+        if len(spans) == 1 and (spans[0].k0, spans[0].k1) == (0, key.shape[2]):
+            # One call did the forward: its backward gives the gradients directly, with no
+            # accumulators beside them (at N = 16384, 0.4 GB less).
+            heads, kv_heads = query.shape[1], key.shape[1]
+            expanded = (engine.expand_heads(key, heads), engine.expand_heads(value, heads))
+            tiles = engine.tiles_of(query, *expanded, plan, plan.rows[0], score_mod, scale, dropout)
+            d_q, d_k, d_v, mod_grads = engine.tile_backward(next(tiles), grad_output, output, lse)
+            d_k, d_v = engine.sum_groups(d_k, kv_heads), engine.sum_groups(d_v, kv_heads)
+            grads = tuple(g.to(x.dtype) for g, x in zip((d_q, d_k, d_v), inputs, strict=True))
+            mod_grads = mod_grads or (None,) * (len(score_mod.tensors) if score_mod else 0)
+            return (*grads, None, None, None, None, None, None, *mod_grads)
+        compute = lse.dtype
+        accumulators = tuple(torch.zeros(x.shape, dtype=compute, device=x.device) for x in inputs)
+        mod_grads = engine.accumulate_gradients(
+            grad_output, query, key, value, output, lse, accumulators, plan, score_mod, scale,
+            dropout,
+        )  # fmt: skip
+        grads = tuple(g.to(x.dtype) for g, x in zip(accumulators, inputs, strict=True))
+        return (*grads, None, None, None, None, None, None, *mod_grads)
 
 
 def tiled_attention(
