@@ -356,8 +356,10 @@ def test_a_mask_mod_that_reads_the_head_gives_a_mask_per_head():
     assert structure[0, 0, 0, 1] == EMPTY and structure[0, 2, 0, 1] == PARTIAL
 
 
-def test_block_structure_is_computed_once_and_never_over_the_whole_matrix(monkeypatch):
-    calls = []
+@pytest.fixture
+def evaluated(monkeypatch) -> list[int]:
+    """The area (queries × keys) of every `Mask.evaluate` call made while the test runs."""
+    calls: list[int] = []
     original = masks.Mask.evaluate
 
     def recording(self, q0, q1, k0, k1, device=None):
@@ -365,6 +367,11 @@ def test_block_structure_is_computed_once_and_never_over_the_whole_matrix(monkey
         return original(self, q0, q1, k0, k1, device)
 
     monkeypatch.setattr(masks.Mask, "evaluate", recording)
+    return calls
+
+
+def test_block_structure_is_computed_once_and_never_over_the_whole_matrix(evaluated):
+    calls = evaluated
     mask = masks.from_function(prefix_lm, 64)
     first = mask.block_structure(8, 8)
     assert max(calls) == 8 * 64  # one row of tiles at a time
@@ -372,23 +379,15 @@ def test_block_structure_is_computed_once_and_never_over_the_whole_matrix(monkey
     assert mask.block_structure(8, 8) is first and calls == []  # cached on the mask
 
 
-def test_causal_and_padding_evaluate_only_the_tiles_both_cut(monkeypatch):
+def test_causal_and_padding_evaluate_only_the_tiles_both_cut(evaluated):
     """The built-in kinds give their structure from their parameters; `&` evaluates only
     the tiles that both operands leave partial (here: where the diagonal meets the padding
     edge), not all N² pairs."""
-    calls = []
-    original = masks.Mask.evaluate
-
-    def recording(self, q0, q1, k0, k1, device=None):
-        calls.append((q1 - q0) * (k1 - k0))
-        return original(self, q0, q1, k0, k1, device)
-
-    monkeypatch.setattr(masks.Mask, "evaluate", recording)
+    calls = evaluated
     n = 1024
     mask = masks.causal(n) & masks.padding([n, 700, 300], max_len=n)
     structure = mask.block_structure(64, 64)
     assert sum(calls) <= 4 * 64 * 64  # a few tiles, against n² = 1,048,576 pairs
-    monkeypatch.setattr(masks.Mask, "evaluate", original)
     assert torch.equal(structure, masks.Mask._structure(mask, 64, 64))  # exact all the same
 
 
@@ -410,19 +409,13 @@ def test_from_function_refuses_bad_arguments():
         masks.from_function(prefix_lm, 4, heads=2) & masks.from_function(prefix_lm, 4, heads=3)
 
 
-def test_documents_in_runs_take_their_structure_from_the_bounds(monkeypatch):
+def test_documents_in_runs_take_their_structure_from_the_bounds(evaluated):
     """Packed documents (each one contiguous run) are not evaluated pair by pair; ids that
     come back after another document are, and both equal the pairwise classification."""
     runs = masks.documents([[0] * 5 + [1] * 9 + [2] * 2, [4] * 10 + [7] * 6])
     comes_back = masks.documents([0] * 5 + [1] * 9 + [0] * 2)
     expected = {id(m): masks.Mask._structure(m, 4, 3) for m in (runs, comes_back)}
-    calls = []
-    original = masks.Mask.evaluate
-
-    def recording(self, *args, **kwargs):
-        calls.append(self.name)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(masks.Mask, "evaluate", recording)
+    calls = evaluated
+    calls.clear()
     assert torch.equal(runs.block_structure(4, 3), expected[id(runs)]) and calls == []
     assert torch.equal(comes_back.block_structure(4, 3), expected[id(comes_back)]) and calls
