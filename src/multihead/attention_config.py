@@ -16,6 +16,7 @@ from torch import Tensor
 
 from . import masks as masks_lib
 from .cache import KVCache, SlidingWindowKVCache
+from .kernels.base import combine_masks
 from .masks import Mask
 from .multi_head_attention import MultiHeadAttention
 
@@ -157,10 +158,9 @@ def _and(mask: Mask | Tensor | None, band: Mask) -> Mask | Tensor:
             f"mask has shape {tuple(mask.shape)} but the window needs (..., q_len, k_len) = "
             f"(..., {band.q_len}, {band.k_len})"
         )
-    inside = band.to_dense(mask.device)[0, 0]
-    if mask.dtype == torch.bool:
-        return mask & inside
-    return mask.masked_fill(~inside, -math.inf)
+    combined = combine_masks(band.to_dense(mask.device)[0, 0], mask)
+    assert combined is not None
+    return combined
 
 
 def window_mask(

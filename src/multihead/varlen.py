@@ -95,9 +95,10 @@ def attention_varlen(
 
 
 # Measured (benchmarks/bench_scale.py, ragged part, causal): one tiled call over the pack /
-# a call per sequence was 0.88 / 1.73 / 2.71 forward at mean lengths 8 / 16 / 31 (0.99 /
-# 1.96 / 2.90 with the backward): from a mean of 16 a call per sequence wins.
-PER_SEQUENCE_MIN_MEAN = 16
+# a call per sequence was 0.52 / 0.92 / 1.54 / 2.00 forward at mean lengths 8 / 16 / 31 / 64
+# (0.41 / 0.81 / 1.23 / 1.67 with the backward): from a mean of about 24 a call per sequence
+# wins.
+PER_SEQUENCE_MIN_MEAN = 24
 
 
 def _per_sequence(
