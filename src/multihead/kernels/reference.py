@@ -47,20 +47,21 @@ def causal_mask(q_len: int, k_len: int, device: torch.device) -> Tensor:
 def softmax(scores: Tensor, *, may_have_empty_rows: bool = True) -> Tensor:
     """Softmax over keys where a row with no visible key gives weights 0, not NaN.
 
-    Empty rows are replaced by zeros before the softmax (so its backward stays finite)
-    and their weights are set to 0 after it. Only a mask can empty a row: without one the
-    check (a pass over the scores and a host sync) is skipped. ``scores`` is the kernel's
-    own fresh tensor: when autograd does not need it, it is overwritten in place (as
-    torch's native MHA does), which saves an N×N allocation.
+    Empty rows are set to 0 before the softmax (so its backward stays finite) and their
+    weights to 0 after it, with tensor ops: no host read, so the kernel compiles and exports
+    as one graph. Only a mask can empty a row: without one that pass is skipped. ``scores``
+    is the kernel's own fresh tensor: when autograd does not need it, it is overwritten in
+    place (as torch's native MHA does), which saves an N×N allocation.
     """
+    empty_rows = None
     if may_have_empty_rows:
         empty_rows = scores.amax(dim=-1, keepdim=True) == float("-inf")
-        if bool(empty_rows.any()):
-            weights = torch.softmax(scores.masked_fill(empty_rows, 0.0), dim=-1)
-            return weights.masked_fill(empty_rows, 0.0)
-    if not scores.requires_grad:
-        return torch.softmax(scores, dim=-1, out=scores)
-    return torch.softmax(scores, dim=-1)
+        scores = scores.masked_fill(empty_rows, 0.0)
+    if scores.requires_grad:
+        weights = torch.softmax(scores, dim=-1)
+        return weights if empty_rows is None else weights.masked_fill(empty_rows, 0.0)
+    weights = torch.softmax(scores, dim=-1, out=scores)
+    return weights if empty_rows is None else weights.masked_fill_(empty_rows, 0.0)
 
 
 def _group_heads(tensor: Tensor, num_kv_heads: int) -> Tensor:

@@ -1,0 +1,84 @@
+"""The default forward compiles as one graph and exports: no host read, no branch on tensor
+values. Each case runs under `torch.compile(fullgraph=True)` (which raises at the first
+graph break) and `torch.export.export`, and must equal eager."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import multihead
+from multihead import masks
+
+
+def _layer(**options) -> multihead.MultiHeadAttention:
+    torch.manual_seed(0)
+    return multihead.MultiHeadAttention(32, 4, **options).eval()
+
+
+class Call(nn.Module):
+    """A module calling ``layer`` with fixed keyword arguments (export takes modules)."""
+
+    def __init__(self, layer: nn.Module, **kwargs: object) -> None:
+        super().__init__()
+        self.layer, self.kwargs = layer, kwargs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.layer(x, **self.kwargs)
+        return out[1] if isinstance(out, tuple) else out
+
+
+PADDING = masks.padding([10, 7], 10)  # built once, outside the compiled region
+
+CASES = {
+    "causal_gqa_rope": lambda: Call(_layer(num_kv_heads=2, positions="rope"), causal=True),
+    "padding_mask": lambda: Call(_layer(), mask=PADDING),
+    "bool_tensor_mask": lambda: Call(_layer(), mask=PADDING.to_dense()),
+    "alibi_causal": lambda: Call(_layer(positions="alibi"), causal=True),
+    "relative_padding": lambda: Call(_layer(positions="relative"), mask=PADDING),
+    "weights_with_a_mask": lambda: Call(_layer(), mask=PADDING, need_weights="per_head"),
+    "softcap_qk_norm": lambda: Call(_layer(softcap=5.0, qk_norm=True), causal=True),
+    "encoder_layer": lambda: Call(multihead.EncoderLayer(32, 4, 64, dropout=0.0).eval()),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_compiles_as_one_graph_and_equals_eager(case):
+    module = CASES[case]()
+    x = torch.randn(2, 10, 32)
+    compiled = torch.compile(module, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), module(x), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["causal_gqa_rope", "padding_mask", "alibi_causal"])
+def test_exports_and_the_program_equals_eager(case):
+    module = CASES[case]()
+    x = torch.randn(2, 10, 32)
+    program = torch.export.export(module, (x,))
+    other = torch.randn(2, 10, 32)
+    torch.testing.assert_close(program.module()(other), module(other), atol=1e-6, rtol=1e-6)
+
+
+def test_a_language_model_compiles_as_one_graph():
+    torch.manual_seed(0)
+    config = multihead.LMConfig.modern(30, d_model=32, num_heads=4, num_layers=2, max_len=16)
+    model = multihead.TransformerLM(config).eval()
+    ids = torch.randint(0, 30, (2, 12))
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(ids), model(ids), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch's vmap of SDPA
+def test_the_layer_works_under_vmap_and_functional_call():
+    layer = _layer()
+    xs = torch.randn(3, 2, 10, 32)
+    batched = torch.func.vmap(lambda x: layer(x, causal=True))(xs)
+    torch.testing.assert_close(batched, torch.stack([layer(x, causal=True) for x in xs]))
+    params = {name: p.detach() * 2 for name, p in layer.named_parameters()}
+    doubled = torch.func.functional_call(layer, params, (xs[0],), {"causal": True})
+    twin = _layer()
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(2)
+    torch.testing.assert_close(doubled, twin(xs[0], causal=True))
