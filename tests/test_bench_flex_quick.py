@@ -1,6 +1,6 @@
-"""benchmarks/bench_flex.py and bench_score_mods.py in their quick form: they run, write what
-the README reads, and our outputs equal the contender's (FlexAttention compiled; the dense
-ALiBi bias). No timing is asserted."""
+"""benchmarks/bench_flex.py, bench_score_mods.py and bench_compile.py in their quick form:
+they run, write what the README reads, and our outputs equal the contender's (FlexAttention
+compiled; the dense ALiBi bias; a compiled hand-written layer). No timing is asserted."""
 
 from __future__ import annotations
 
@@ -42,3 +42,13 @@ def test_score_mods_quick_agrees_with_the_dense_bias(tmp_path: Path) -> None:
     kinds = {(point["kind"], point["n"]) for point in report["points"]}
     assert kinds == {(kind, n) for kind in ("score_mod", "dense_bias") for n in (256, 512)}
     assert all(point["peak_bytes"] > 0 for point in report["points"])
+
+
+def test_compile_quick_compares_the_same_layer(tmp_path: Path) -> None:
+    """bench_compile: our compiled layer and the compiled hand-written one hold the same
+    weights and give the same output; both compile (forward, backward, inference)."""
+    report = run("bench_compile.py", tmp_path / "compile.json")
+    assert report["max_abs_difference"] < 1e-5
+    assert set(report["results"]) == {"forward", "forward_backward"}
+    assert all(row["ours_over_hand_written"] > 0 for row in report["results"].values())
+    assert set(report["compile_s"]) == {"ours", "hand_written"}
