@@ -47,9 +47,11 @@ def _check_positive_int(name: str, value: object) -> int:
 
 
 def _check_flag(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return value
+    """A flag as torch reads it: any value with a truth value (``need_weights=0`` is False)."""
+    try:
+        return bool(value)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} ({error})") from None
 
 
 def _merge(first: Tensor | None, second: Tensor | None) -> Tensor | None:
@@ -127,6 +129,8 @@ class MultiheadAttention(nn.Module):
             ("batch_first", batch_first),
         ):
             _check_flag(name, flag)
+        bias, add_bias_kv, add_zero_attn = bool(bias), bool(add_bias_kv), bool(add_zero_attn)
+        batch_first = bool(batch_first)
         factory = {"device": device, "dtype": dtype}
 
         self.embed_dim = embed_dim
@@ -355,8 +359,9 @@ class MultiheadAttention(nn.Module):
         """
         batched = self._check_inputs(query, key, value)
         need_weights = _check_flag("need_weights", need_weights)
-        _check_flag("average_attn_weights", average_attn_weights)
-        _check_flag("is_causal", is_causal)
+        average_attn_weights = _check_flag("average_attn_weights", average_attn_weights)
+        if not isinstance(is_causal, bool):  # torch's SDPA refuses anything else too
+            raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
 
         # torch's layout → (N, L, E), the same in every case.
         same_qk, same_kv = query is key, key is value
@@ -404,6 +409,25 @@ class MultiheadAttention(nn.Module):
             if not batched:
                 weights = weights.squeeze(0)
         return output, weights
+
+    def merge_masks(
+        self, attn_mask: Tensor | None, key_padding_mask: Tensor | None, query: Tensor
+    ) -> tuple[Tensor | None, int | None]:
+        """torch's contract, which `nn.TransformerEncoderLayer` calls on its inference fast
+        path (torch's polarity: True = blocked, or a float bias): the key padding mask alone
+        comes back as it is with type 1; an attention mask, (L, S) or (batch·heads, L, S),
+        comes back as (batch, heads, L, S) with type 2, the padding (batch, S) added to it
+        (for bool masks: or); neither gives (None, None). ``query`` is (batch, L, E)."""
+        if attn_mask is None:
+            return (None, None) if key_padding_mask is None else (key_padding_mask, 1)
+        batch, q_len, k_len = query.shape[0], query.shape[1], attn_mask.shape[-1]
+        if attn_mask.dim() == 3:
+            merged = attn_mask.view(batch, -1, q_len, k_len)
+        else:
+            merged = attn_mask.expand(batch, self.num_heads, q_len, k_len)
+        if key_padding_mask is not None:
+            merged = merged + key_padding_mask.view(batch, 1, 1, k_len)
+        return merged, 2
 
     def extra_repr(self) -> str:
         extra = f"embed_dim={self.embed_dim}, num_heads={self.num_heads}"
