@@ -9,10 +9,11 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import time
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["cpu_model", "interleave", "load_average", "paired_ratio", "proc_status"]
+__all__ = ["cpu_model", "interleave", "load_average", "paired_ratio", "proc_status", "timed"]
 
 
 def cpu_model() -> str:
@@ -38,6 +39,13 @@ def proc_status(field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def timed(fn: Callable[[], object]) -> float:
+    """Wall time of one call of ``fn``."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def interleave(

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_common import cpu_model, interleave, load_average, paired_ratio
+from bench_common import cpu_model, interleave, load_average, paired_ratio, timed
 from torch import nn
 
 import multihead
@@ -54,12 +54,6 @@ class Ours(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layer(x, causal=True)
-
-
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def run(args: argparse.Namespace) -> dict:

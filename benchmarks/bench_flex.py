@@ -19,12 +19,11 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_common import cpu_model, interleave, load_average, paired_ratio
+from bench_common import cpu_model, interleave, load_average, paired_ratio, timed
 
 import multihead
 from multihead import masks, score_mods
@@ -105,12 +104,6 @@ def dense_mask(case: dict, n: int, heads: int) -> torch.Tensor | None:
         torch.arange(n).view(1, 1, 1, -1),
     )
     return bias.masked_fill(~masks.causal(n).to_dense(), -math.inf)
-
-
-def timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def run(args: argparse.Namespace) -> dict:
