@@ -253,7 +253,7 @@ def test_state_dict_and_initialisation_match_torch(module_kwargs: dict) -> None:
         assert getattr(ours, attr) == getattr(theirs, attr), attr
     for attr in ("in_proj_weight", "q_proj_weight", "in_proj_bias", "bias_k", "bias_v"):
         assert (getattr(ours, attr) is None) == (getattr(theirs, attr) is None), attr
-    assert type(ours.out_proj) is nn.Linear
+    assert type(ours.out_proj) is type(theirs.out_proj)  # the Linear quantize_dynamic skips
 
 
 def test_default_initialisation() -> None:
@@ -544,3 +544,17 @@ def test_truthy_flags_read_as_torch_reads_them():
     got_w = ours(x, x, x, need_weights=1, average_attn_weights=0)[1]
     want_w = ref(x, x, x, need_weights=1, average_attn_weights=0)[1]
     torch.testing.assert_close(got_w, want_w, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore")  # torch's notes on its quantization API's future
+def test_it_is_a_torch_multihead_attention_and_survives_dynamic_quantization():
+    """isinstance holds (quantization mappings, wrap policies); `quantize_dynamic` over
+    nn.Linear leaves W^O alone, as in torch's module, and the output stays the float one's."""
+    torch.manual_seed(0)
+    ours = MultiheadAttention(16, 2, batch_first=True).eval()
+    assert isinstance(ours, torch.nn.MultiheadAttention)
+    model = torch.nn.Sequential(ours)
+    quantized = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear})
+    assert type(quantized[0].out_proj) is type(ours.out_proj)
+    x = torch.randn(3, 5, 16)
+    torch.testing.assert_close(quantized[0](x, x, x)[0], ours(x, x, x)[0])

@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from .functional import attention
 from .kernels.base import combine_masks
@@ -74,7 +75,7 @@ def _append_keys(mask: Tensor | None, extra: int) -> Tensor | None:
     return F.pad(mask, (0, extra), value=True if mask.dtype == torch.bool else 0.0)
 
 
-class MultiheadAttention(nn.Module):
+class MultiheadAttention(nn.MultiheadAttention):
     """Multi-head attention (Vaswani et al., 2017) with torch's `nn.MultiheadAttention` API.
 
     Args:
@@ -110,7 +111,10 @@ class MultiheadAttention(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
+        # A subclass of torch's module, so isinstance checks (quantization mappings, wrap
+        # policies, user code) hold; its parameters are made below, under torch's names, so
+        # torch's __init__ is skipped.
+        nn.Module.__init__(self)
         _check_positive_int("embed_dim", embed_dim)
         _check_positive_int("num_heads", num_heads)
         if embed_dim % num_heads != 0:
@@ -159,7 +163,8 @@ class MultiheadAttention(nn.Module):
             self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **factory))
         else:
             self.register_parameter("in_proj_bias", None)
-        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)  # W^O
+        # W^O: the Linear subclass torch uses, which quantize_dynamic leaves as it is
+        self.out_proj = NonDynamicallyQuantizableLinear(embed_dim, embed_dim, bias=bias, **factory)
         if add_bias_kv:
             self.bias_k = nn.Parameter(torch.empty(1, 1, embed_dim, **factory))
             self.bias_v = nn.Parameter(torch.empty(1, 1, embed_dim, **factory))
