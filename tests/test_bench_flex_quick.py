@@ -52,3 +52,4 @@ def test_compile_quick_compares_the_same_layer(tmp_path: Path) -> None:
     assert set(report["results"]) == {"forward", "forward_backward"}
     assert all(row["ours_over_hand_written"] > 0 for row in report["results"].values())
     assert set(report["compile_s"]) == {"ours", "hand_written"}
+    assert report["lm_training"]["compiled_over_eager"] > 0
