@@ -240,10 +240,32 @@ def test_module_with_cu_seqlens_rejects_what_it_cannot_do() -> None:
         layer(x, need_weights="mean", cu_seqlens=cu)
     with pytest.raises(ValueError, match="cu_seqlens ends at 5 but query packs 4"):
         layer(x[:4], cu_seqlens=cu)
-    with pytest.raises(ValueError, match="cannot be used with cu_seqlens: its score bias"):
-        MultiHeadAttention(8, 2, positions="alibi")(x, cu_seqlens=cu)
 
 
 def test_exported() -> None:
     assert multihead.attention_varlen is attention_varlen
     assert {"attention_varlen", "pack", "unpack"} <= set(multihead.__all__)
+
+
+@pytest.mark.parametrize("positions", ["alibi", "relative"])
+@pytest.mark.parametrize("threshold", [1, 10**6], ids=["per_sequence", "packed"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_position_biases_on_packed_input_equal_each_sequence_alone(
+    monkeypatch, positions, threshold, causal
+) -> None:
+    """ALiBi and T5's bias read only the distance between two tokens of a sequence, so a
+    packed batch gets what each sequence gets alone, on both of attention_varlen's paths."""
+    from multihead import varlen
+
+    monkeypatch.setattr(varlen, "PER_SEQUENCE_MIN_MEAN", threshold)
+    torch.manual_seed(0)
+    layer = MultiHeadAttention(16, 4, positions=positions).double()
+    lengths = [5, 1, 7]
+    x = torch.randn(sum(lengths), 16, dtype=torch.float64, requires_grad=True)
+    cu = torch.tensor([0, 5, 6, 13])
+    packed = layer.forward_packed(x, cu, causal=causal)
+    alone = torch.cat([layer(part.unsqueeze(0), causal=causal)[0] for part in x.split(lengths)])
+    torch.testing.assert_close(packed, alone, atol=1e-10, rtol=1e-10)
+    (got,) = torch.autograd.grad(packed.square().sum(), x)
+    (want,) = torch.autograd.grad(alone.square().sum(), x)
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)

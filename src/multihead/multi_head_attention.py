@@ -524,15 +524,11 @@ class MultiHeadAttention(nn.Module):
                 positions restart at 0).
             causal: causal within each sequence.
 
-        Returns (total_tokens, embed_dim). No score bias (ALiBi, T5) and no weights: packed
-        calls are not recorded by a capture.
+        Returns (total_tokens, embed_dim). ALiBi and T5's bias read only the distance between
+        two tokens of a sequence, so they apply as score mods; no weights: packed calls are
+        not recorded by a capture.
         """
         self._check_packed(x)
-        if self.has_position_bias:
-            raise ValueError(
-                f"positions={self.positions!r} cannot be used with cu_seqlens: its score bias "
-                "would be a dense total_tokens² tensor"
-            )
         if causal not in (False, True, "top-left", "bottom-right"):
             raise ValueError(
                 f"causal must be True, False, 'top-left' or 'bottom-right', got {causal!r}"
@@ -555,6 +551,7 @@ class MultiHeadAttention(nn.Module):
             cu,
             causal=bool(causal),
             softcap=self.softcap,
+            score_mod=self.position_score_mod(x.shape[0], x.shape[0], x.dtype),
             dropout_p=self.dropout if self.training else 0.0,
         )
         return self.out_proj(out.flatten(1))

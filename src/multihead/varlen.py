@@ -20,6 +20,7 @@ from torch import Tensor
 
 from . import masks
 from .functional import attention
+from .score_mods import ScoreMod
 
 __all__ = ["attention_varlen", "pack", "unpack"]
 
@@ -54,6 +55,7 @@ def attention_varlen(
     scale: float | None = None,
     softcap: float | None = None,
     dropout_p: float = 0.0,
+    score_mod: ScoreMod | None = None,
 ) -> Tensor:
     """Attention over a packed batch of ragged sequences, as flash-attn's varlen function.
 
@@ -67,6 +69,10 @@ def attention_varlen(
         causal: per sequence, bottom-right aligned as flash-attn >= 2.1 (the last query of a
             sequence sees all its keys); identical to top-left when q and k lengths agree.
         scale, softcap, dropout_p: as `multihead.attention`.
+        score_mod: as `multihead.attention`, for mods that read only the distance
+            ``kv_idx - q_idx`` between a query and a key of the same sequence (ALiBi, T5's
+            bias with equal query and key lengths): positions are per sequence on one path
+            and in the pack on the other, and the distance is the same on both.
 
     Returns (total_q, heads, value_dim). A query with no visible key (its sequence has no keys,
     or causal with more queries than keys) gets output 0.
@@ -79,8 +85,9 @@ def attention_varlen(
     mask = masks.varlen(cu_q, cu_k, causal=causal)  # checks the batch counts agree
     if query.shape[0] >= PER_SEQUENCE_MIN_MEAN * max(len(cu_q) - 1, 1):
         return _per_sequence(
-            query, key, value, cu_q.tolist(), cu_k.tolist(), causal, scale, softcap, dropout_p
-        )
+            query, key, value, cu_q.tolist(), cu_k.tolist(), causal, scale, softcap, dropout_p,
+            score_mod,
+        )  # fmt: skip
     output = attention(
         query.transpose(0, 1).unsqueeze(0),  # (1, heads, total_q, head_dim)
         key.transpose(0, 1).unsqueeze(0),
@@ -89,6 +96,7 @@ def attention_varlen(
         scale=scale,
         softcap=softcap,
         dropout_p=dropout_p,
+        score_mod=score_mod,
         kernel="tiled",
     )
     return output.squeeze(0).transpose(0, 1).contiguous()
@@ -111,6 +119,7 @@ def _per_sequence(
     scale: float | None,
     softcap: float | None,
     dropout_p: float,
+    score_mod: ScoreMod | None = None,
 ) -> Tensor:
     """One attention call per sequence, outputs packed end to end."""
     heads, value_dim = query.shape[1], value.shape[-1]
@@ -134,6 +143,7 @@ def _per_sequence(
             scale=scale,
             softcap=softcap,
             dropout_p=dropout_p,
+            score_mod=score_mod,
         )
         outputs.append(out.squeeze(0).transpose(0, 1))
     if not outputs:
