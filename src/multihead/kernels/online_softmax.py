@@ -104,6 +104,9 @@ class Plan:
             spans = (Span(0, k_len, (), 0),) if k_len else ()
             rows = (Rows(0, q_len, spans),) if q_len else ()
             return Plan(q_len, k_len, rows, mask, bias, q_len * k_len)
+        key = ("plan", q_len, k_len, block_q, block_k)
+        if bias is None and key in mask._cache:  # planned already: `auto`, or another layer
+            return mask._cache[key]
         structure = mask.tiles(block_q, block_k).tolist()  # cached on the mask
         n_k = len(structure[0])
         row_blocks = []
@@ -112,7 +115,10 @@ class Plan:
             row_blocks.append(Rows(q0, q1, _spans(tiles, i * n_k, block_k, k_len)))
         rows = _merge_rows(row_blocks, bias is not None)
         visited = sum((r.q1 - r.q0) * sum(s.k1 - s.k0 for s in r.spans) for r in rows)
-        return Plan(q_len, k_len, tuple(rows), mask, bias, visited, {})
+        plan = Plan(q_len, k_len, tuple(rows), mask, bias, visited, {})
+        if bias is None:  # a plan of the mask alone is the same for every call with it
+            mask._cache[key] = plan
+        return plan
 
     @property
     def fraction(self) -> float:
@@ -145,7 +151,14 @@ class Plan:
             key = (kind, rows.q1 - shift, span.k0 - shift, span.k1 - shift, cut, device, dtype)
             if key in self.cache:
                 return self.cache[key]
-        mask = self._span_mask(rows, span, device)
+        # The fused path asks for the additive mask and the empty rows, the NaN check for the
+        # boolean mask, all of the same span in a row: it is evaluated once for them.
+        last = self.cache.get("last")
+        if last is not None and last[0] == (rows, span, device):
+            mask = last[1]
+        else:
+            mask = self._span_mask(rows, span, device)
+            self.cache["last"] = ((rows, span, device), mask)
         if kind == "empty":
             result = _empty_rows(mask)
         elif dtype is not None and mask is not None and mask.dtype == torch.bool:
