@@ -265,22 +265,6 @@ def test_default_initialisation() -> None:
     assert ours.bias_k.std() > 0 and ours.bias_v.std() > 0
 
 
-def test_inside_torch_transformer_encoder_layer() -> None:
-    """Swapped into nn.TransformerEncoderLayer, the layer's output does not change."""
-    torch.manual_seed(0)
-    layer = nn.TransformerEncoderLayer(E, H, dim_feedforward=16, dropout=0.0, batch_first=True)
-    layer.eval()
-    ours = MultiheadAttention(E, H, batch_first=True)
-    ours.load_state_dict(layer.self_attn.state_dict(), strict=True)
-    x = torch.randn(N, S, E)
-    kpm = key_padding("bool")
-    causal = nn.Transformer.generate_square_subsequent_mask(S)
-    expected = layer(x, src_mask=causal, src_key_padding_mask=kpm.float().masked_fill(kpm, -1e9))
-    layer.self_attn = ours
-    got = layer(x, src_mask=causal, src_key_padding_mask=kpm.float().masked_fill(kpm, -1e9))
-    torch.testing.assert_close(got, expected, **TOL[torch.float32])
-
-
 @pytest.mark.parametrize("need_weights", [True, False])
 def test_matches_torch_fast_path(need_weights: bool) -> None:
     """torch's inference fast path (no_grad, eval, batch_first, self-attention)."""
@@ -488,73 +472,3 @@ def test_bad_unbatched_masks() -> None:
         module(q, k, k, key_padding_mask=torch.zeros(1, S, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"attn_mask .*num_heads, L, S"):
         module(q, k, k, attn_mask=torch.zeros(H + 1, L, S))
-
-
-@pytest.mark.parametrize("attn", ["none", "bool_2d", "float_2d", "bool_3d"])
-@pytest.mark.parametrize("padding", [False, True])
-def test_merge_masks_keeps_torchs_contract(attn, padding):
-    """`merge_masks` returns what torch's does (mask and type) for the same masks."""
-    torch.manual_seed(0)
-    ref = torch.nn.MultiheadAttention(16, 4, batch_first=True)
-    ours = MultiheadAttention(16, 4, batch_first=True)
-    query = torch.randn(3, 5, 16)
-    attn_mask = {
-        "none": None,
-        "bool_2d": torch.rand(5, 5) < 0.3,
-        "float_2d": torch.randn(5, 5),
-        "bool_3d": torch.rand(12, 5, 5) < 0.3,
-    }[attn]
-    key_padding_mask = torch.rand(3, 5) < 0.3 if padding else None
-    want, want_type = ref.merge_masks(attn_mask, key_padding_mask, query)
-    got, got_type = ours.merge_masks(attn_mask, key_padding_mask, query)
-    assert got_type == want_type
-    assert (got is None and want is None) or torch.equal(got, want)
-
-
-def test_a_transformer_encoder_layer_holding_it_runs_its_inference_fast_path():
-    """nn.TransformerEncoderLayer in eval under no_grad calls merge_masks; with our module in
-    place of its own the outputs stay those of torch's layer with the same weights."""
-    torch.manual_seed(0)
-    layer = torch.nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True).eval()
-    twin = torch.nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True).eval()
-    twin.load_state_dict(layer.state_dict())
-    twin.self_attn = MultiheadAttention(16, 4, batch_first=True).eval()
-    twin.self_attn.load_state_dict(layer.self_attn.state_dict())
-    x = torch.randn(3, 5, 16)
-    padding = torch.zeros(3, 5, dtype=torch.bool)
-    padding[1, 3:] = True
-    with torch.no_grad():
-        got = twin(x, src_key_padding_mask=padding)
-        want = layer(x, src_key_padding_mask=padding)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-
-
-def test_truthy_flags_read_as_torch_reads_them():
-    """torch takes any value with a truth value for need_weights, average_attn_weights and
-    the constructor's flags (``need_weights=0``); is_causal must be a bool in both."""
-    torch.manual_seed(0)
-    ref = torch.nn.MultiheadAttention(16, 4, batch_first=1)
-    ours = MultiheadAttention(16, 4, batch_first=1)
-    ours.load_state_dict(ref.state_dict())
-    x = torch.randn(2, 5, 16)
-    want = ref(x, x, x, need_weights=0)
-    got = ours(x, x, x, need_weights=0)
-    assert got[1] is None and want[1] is None
-    torch.testing.assert_close(got[0], want[0], atol=1e-6, rtol=1e-6)
-    got_w = ours(x, x, x, need_weights=1, average_attn_weights=0)[1]
-    want_w = ref(x, x, x, need_weights=1, average_attn_weights=0)[1]
-    torch.testing.assert_close(got_w, want_w, atol=1e-6, rtol=1e-6)
-
-
-@pytest.mark.filterwarnings("ignore")  # torch's notes on its quantization API's future
-def test_it_is_a_torch_multihead_attention_and_survives_dynamic_quantization():
-    """isinstance holds (quantization mappings, wrap policies); `quantize_dynamic` over
-    nn.Linear leaves W^O alone, as in torch's module, and the output stays the float one's."""
-    torch.manual_seed(0)
-    ours = MultiheadAttention(16, 2, batch_first=True).eval()
-    assert isinstance(ours, torch.nn.MultiheadAttention)
-    model = torch.nn.Sequential(ours)
-    quantized = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear})
-    assert type(quantized[0].out_proj) is type(ours.out_proj)
-    x = torch.randn(3, 5, 16)
-    torch.testing.assert_close(quantized[0](x, x, x)[0], ours(x, x, x)[0])
