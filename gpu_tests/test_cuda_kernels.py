@@ -1,11 +1,12 @@
 """Every kernel on the device against the float64 CPU oracle: masks, GQA, forward and backward.
 
-The grid: kernel ("reference", "sdpa", "tiled", "auto") × dtype (fp32, bf16, fp16) × head
-layout (MHA 4/4, GQA 4/2, MQA 4/1) × mask. Masks are passed to the library as `Mask`s (built
-from device tensors where they take tensors), tensors on the device, or ``causal=``, and built
-again by hand (arange comparisons) on the CPU for the oracle. On CUDA the tiled kernel runs its
-written-out tiles (torch's fused flash kernel it calls is CPU only); small tiles here make the
-shapes span many of them, so that skipping, full runs and cut tiles all run.
+The grid: kernel ("reference", "sdpa", "tiled", "auto", and "flex" on CUDA) × dtype (fp32,
+bf16, fp16) × head layout (MHA 4/4, GQA 4/2, MQA 4/1) × mask. Masks are passed to the library
+as `Mask`s (built from device tensors where they take tensors), tensors on the device, or
+``causal=``, and built again by hand (arange comparisons) on the CPU for the oracle. On CUDA
+the tiled kernel runs its written-out tiles (torch's fused flash kernel it calls is CPU only);
+small tiles here make the shapes span many of them, so that skipping, full runs and cut tiles
+all run.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ try:  # where the tile sizes live moved from kernels/tiled.py to kernels/online_
 except ImportError:  # pragma: no cover - the older layout
     tile_engine = tiled
 
-KERNELS = ["reference", "sdpa", "tiled", "auto"]
+# Flex runs where it has a backward (torch has none for it on the CPU).
+KERNELS = ["reference", "sdpa", "tiled", "auto"] + (["flex"] if ON_CUDA else [])
 BATCH, HEADS, HEAD_DIM = 2, 4, 64
 LAYOUTS = {"mha": 4, "gqa4/2": 2, "mqa4/1": 1}
 
@@ -226,16 +228,16 @@ def test_fully_masked_rows_give_zeros_and_finite_grads(kernel, dtype, how, devic
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=DTYPE_IDS.get)
 def test_auto_on_a_long_sliding_window(dtype, device):
     """A sliding window over >= 2048 keys: on the CPU `auto` picks the tiled kernel (block
-    skipping); on CUDA, where the tiled kernel runs written-out steps, SDPA with the dense
-    mask (50x faster at N=4096 on an H200). Both, and the tiled kernel asked for by name,
-    against the oracle, forward and backward."""
+    skipping); on CUDA, where the tiled kernel runs written-out steps (SDPA with the dense
+    mask was 50x faster at N=4096 on an H200), FlexAttention. Both, and the tiled kernel
+    asked for by name, against the oracle, forward and backward."""
     n = 4096 if device.type == "cuda" else 2048
     gen = torch.Generator().manual_seed(3)
     i, j = by_hand(n, n)
     case = Case(n, n, {"mask": masks.sliding_window(n, window=256)}, (j <= i) & (j > i - 256))
     inputs = qkv(1, 4, 2, n, n, HEAD_DIM, HEAD_DIM, dtype, gen)
     line = mh.explain(*(t.to(device) for t in inputs), **case.kwargs)
-    assert line.startswith("tiled" if device.type == "cpu" else "sdpa"), line
+    assert line.startswith("tiled" if device.type == "cpu" else "flex"), line
     check_against_oracle(inputs, case, "auto", dtype, device, gen)
     check_against_oracle(inputs, case, "tiled", dtype, device, gen)
 

@@ -169,12 +169,12 @@ def test_weights_are_refused_with_a_reason(gen):
 
 def test_auto_prefers_block_skipping_on_the_cpu_only(monkeypatch):
     """Off the CPU a span runs written-out steps (an H200 ran SDPA with the dense mask 50x
-    faster for a window of 256 at N=4096): `auto` keeps SDPA there. Asked about tensors on
-    the meta device (no data, not the CPU) it answers as for a GPU."""
+    faster for a window of 256 at N=4096): `auto` runs FlexAttention there. Asked about
+    tensors on the meta device (no data, not the CPU) it answers as for a GPU."""
     monkeypatch.setattr(online_softmax, "BLOCK_Q", 256)
     monkeypatch.setattr(online_softmax, "BLOCK_K", 128)
     window = masks.sliding_window(4096, window=256)
     on_cpu = torch.zeros(1, 4, 4096, 8)
     elsewhere = torch.empty(1, 4, 4096, 8, device="meta")
     assert explain(on_cpu, on_cpu, on_cpu, mask=window).startswith("tiled:")
-    assert explain(elsewhere, elsewhere, elsewhere, mask=window).startswith("sdpa:")
+    assert explain(elsewhere, elsewhere, elsewhere, mask=window).startswith("flex:")

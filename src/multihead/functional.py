@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from . import masks as masks_lib
-from .kernels import KERNELS, Kernel, Request
+from .kernels import KERNELS, Kernel, Request, flex
 from .kernels.base import bad_queries
 from .masks import Mask
 from .score_mods import ScoreMod, ScoreModFn, as_score_mod, chain
@@ -25,7 +25,7 @@ CausalArg = bool | Literal["top-left", "bottom-right"]
 # Called with (request, kernel, kernel argument) by every `attention` call while not empty: a
 # plain list, so the default path costs one truth test of a Python object.
 OBSERVERS: list[Callable[[Request, Kernel, str], None]] = []
-KernelArg = Literal["auto", "reference", "sdpa", "tiled"]
+KernelArg = Literal["auto", "reference", "sdpa", "tiled", "flex"]
 
 __all__ = ["attention", "check_mask", "explain", "select_kernel"]
 
@@ -312,7 +312,8 @@ def attention(
             `multihead.score_mods` (ALiBi, T5's relative bias, soft-capping), which the tiled
             kernel computes per tile, so no N×N bias is built.
         return_weights: also return the weights (batch, heads, q_len, k_len).
-        kernel: "auto" (fastest that supports the call), "sdpa" or "reference".
+        kernel: "auto" (fastest that supports the call), "sdpa", "reference", "tiled" or
+            "flex" (torch's FlexAttention, compiled; inference only on the CPU).
         check_finite: first scan the inputs and raise ValueError, naming the argument, if
             query, key or value hold NaN/inf or a float mask holds NaN/+inf. Off by default:
             the scan costs a pass over the inputs and a host sync.
@@ -385,6 +386,9 @@ def explain_request(request: Request, chosen: Kernel, kernel: str = "auto") -> s
             for name, module in KERNELS.items()
             if module is not chosen and module.unsupported(request) is not None
         ]
+        declined = flex.auto_declines(request) if chosen is not flex else None
+        if declined is not None:
+            skipped.append(f"flex not chosen: {declined}")
         if skipped:
             line += " [" + "; ".join(skipped) + "]"
     return line

@@ -472,10 +472,8 @@ def documents(doc_ids: Tensor | list[int] | list[list[int]]) -> Mask:
 
     def mod(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
         table = ids.to(q.device)  # (batch|1, seq)
-        if batch is not None:
-            table = table[b.view(-1)]
-        rows = table[:, q.view(-1)].unsqueeze(-1) == table[:, k.view(-1)].unsqueeze(-2)
-        return rows.unsqueeze(1)  # (batch|1, 1, Q, K)
+        row = b if batch is not None else b * 0  # elementwise, so Flex can call it per score
+        return table[row, q] == table[row, k]
 
     return DocumentsMask(
         seq, seq, mod, "documents", batch=batch, device=ids.device, runs=_document_runs(ids)

@@ -2,13 +2,16 @@
 
 ``auto`` runs a kernel whose ``preferred(request)`` gives a reason if there is one, else the
 first in KERNELS order that supports the request; the reference kernel supports everything.
+On the CPU the tiled kernel is preferred for sparse long masks and large score mods; off the
+CPU (and inside ``torch.compile``) FlexAttention takes those, so ``auto`` never runs a
+Python loop over tiles there.
 """
 
 from typing import Protocol
 
 from torch import Tensor
 
-from . import reference, sdpa, tiled
+from . import flex, reference, sdpa, tiled
 from .base import Request
 
 
@@ -31,6 +34,7 @@ KERNELS: dict[str, Kernel] = {
     sdpa.NAME: sdpa,  # type: ignore[dict-item]
     reference.NAME: reference,  # type: ignore[dict-item]
     tiled.NAME: tiled,  # type: ignore[dict-item]
+    flex.NAME: flex,  # type: ignore[dict-item]
 }
 
-__all__ = ["KERNELS", "Kernel", "Request", "reference", "sdpa", "tiled"]
+__all__ = ["KERNELS", "Kernel", "Request", "flex", "reference", "sdpa", "tiled"]

@@ -169,17 +169,18 @@ def plan_for(request: Request) -> Plan:
 
 def preferred(request: Request) -> str | None:
     """Why ``auto`` should run this kernel before the others, or None."""
-    if unsupported(request) is not None:
+    if unsupported(request) is not None or torch.compiler.is_compiling():
+        return None  # its plan is made on the host: inside a compiled graph, Flex serves
+    if request.query.device.type != "cpu":
+        # Measured on an H200 (gpu_tests, bench_gpu.py): off the CPU a span runs written-out
+        # steps, and SDPA with the dense mask was 50x faster for a window of 256 at N=4096;
+        # FlexAttention takes structured masks and score mods there.
         return None
     batch, heads = request.query.shape[:2]
     score_bytes = batch * heads * request.q_len * request.k_len * 4
     if request.score_mod is not None and score_bytes > SCORE_MATRIX_BUDGET:
         return f"the score mod would need a {score_bytes / 2**30:.1f} GiB score matrix"
     if request.is_causal or request.structured is None or request.k_len < PREFER_MIN_KEYS:
-        return None
-    if request.query.device.type != "cpu":
-        # Measured on an H200 (gpu_tests, bench_gpu.py): off the CPU a span runs written-out
-        # steps, and SDPA with the dense mask was 50x faster for a window of 256 at N=4096.
         return None
     if plan_for(request).fraction <= PREFER_MAX_VISITED:
         return "the mask is sparse enough for block skipping to beat a dense mask"
