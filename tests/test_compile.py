@@ -82,3 +82,62 @@ def test_the_layer_works_under_vmap_and_functional_call():
         for p in twin.parameters():
             p.mul_(2)
     torch.testing.assert_close(doubled, twin(xs[0], causal=True))
+
+
+def _one_graph(fn, *args):
+    """``fn`` compiled with fullgraph=True (raises at a graph break), run on ``args``."""
+    torch._dynamo.reset()
+    return torch.compile(fn, fullgraph=True, backend="eager")(*args)
+
+
+@pytest.mark.parametrize("cache_kind", ["kv", "sliding_window"])
+def test_a_decoding_step_with_a_cache_compiles_as_one_graph(cache_kind):
+    """Prefill eagerly, then one decoding step compiled; the same steps eagerly on a second
+    cache give the same output and leave the same keys and values behind."""
+    from multihead.cache import KVCache, SlidingWindowKVCache
+
+    layer = _layer(num_kv_heads=2, positions="rope")
+    x = torch.randn(2, 6, 32)
+    caches = [
+        KVCache(2, 2, 16, 8) if cache_kind == "kv" else SlidingWindowKVCache(2, 2, 4, 8)
+        for _ in range(2)
+    ]
+    with torch.no_grad():
+        for cache in caches:
+            layer(x[:, :5], cache=cache, causal=True)
+        eager = layer(x[:, 5:], cache=caches[0], causal=True)
+        compiled = _one_graph(lambda y: layer(y, cache=caches[1], causal=True), x[:, 5:])
+    torch.testing.assert_close(compiled, eager, atol=1e-6, rtol=1e-6)
+    assert caches[1].offset == caches[0].offset == 6
+    torch.testing.assert_close(caches[1].keys, caches[0].keys)
+
+
+def test_models_that_build_their_masks_inside_compile_as_one_graph():
+    """Masks built inside the compiled region from tensors (padding from lengths, packed
+    documents from ids) skip their host-side range checks there and trace."""
+    from multihead.models.speech import SpeechEncoder, SpeechEncoderConfig
+
+    torch.manual_seed(0)
+    config = multihead.LMConfig.modern(30, d_model=32, num_heads=4, num_layers=2, max_len=16)
+    lm = multihead.TransformerLM(config).eval()
+    ids = torch.randint(0, 30, (2, 12))
+    doc_ids = torch.tensor([0] * 5 + [1] * 7)
+    lengths = torch.tensor([12, 7])
+    speech = SpeechEncoder(SpeechEncoderConfig(d_model=32, num_layers=1, conv_channels=8)).eval()
+    feats, frames = torch.randn(2, 40, 40), torch.tensor([40, 23])
+    seq2seq_config = multihead.Seq2SeqConfig(
+        vocab_size=30, d_model=32, num_heads=4, num_encoder_layers=1, num_decoder_layers=1,
+        dim_feedforward=64, dropout=0.0,
+    )  # fmt: skip
+    seq2seq = multihead.Seq2SeqTransformer(seq2seq_config).eval()
+    src = torch.tensor([[5, 6, 7, 8, 0, 0], [9, 10, 11, 12, 13, 14]])  # 0 pads
+    tgt = torch.tensor([[1, 5, 6, 0], [1, 7, 8, 9]])
+    calls = {
+        "lm_documents": (lambda i, d: lm(i, doc_ids=d), ids, doc_ids),
+        "lm_padding": (lambda i, n: lm(i, mask=masks.padding(n, 12)), ids, lengths),
+        "speech": (lambda f, n: speech(f, n)[0], feats, frames),
+        "seq2seq": (seq2seq, src, tgt),
+    }
+    with torch.no_grad():
+        for name, (fn, *args) in calls.items():
+            torch.testing.assert_close(_one_graph(fn, *args), fn(*args), msg=name)

@@ -430,13 +430,17 @@ def padding(
         raise ValueError(f"lengths must be 1-D (batch,), got shape {tuple(lengths.shape)}")
     if lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
         raise TypeError(f"lengths must be an integer tensor, got {lengths.dtype}")
-    if lengths.numel() and int(lengths.min()) < 0:
-        raise ValueError(f"lengths must be >= 0, got {lengths.tolist()}")
-    longest = int(lengths.max()) if lengths.numel() else 0
-    max_len = longest if max_len is None else max_len
+    # The range check reads the lengths on the host: inside a compiled graph (given
+    # max_len) it is skipped, as the models skip their token-id range check there.
+    if max_len is None or not torch.compiler.is_compiling():
+        if lengths.numel() and int(lengths.min()) < 0:
+            raise ValueError(f"lengths must be >= 0, got {lengths.tolist()}")
+        longest = int(lengths.max()) if lengths.numel() else 0
+        max_len = longest if max_len is None else max_len
+        _check_len("max_len", max_len)
+        if longest > max_len:
+            raise ValueError(f"lengths must be <= max_len={max_len}, got a length of {longest}")
     _check_len("max_len", max_len)
-    if longest > max_len:
-        raise ValueError(f"lengths must be <= max_len={max_len}, got a length of {longest}")
     q_len = max_len if q_len is None else q_len
     _check_len("q_len", q_len)
     return PaddingMask(
@@ -475,9 +479,10 @@ def documents(doc_ids: Tensor | list[int] | list[list[int]]) -> Mask:
         row = b if batch is not None else b * 0  # elementwise, so Flex can call it per score
         return table[row, q] == table[row, k]
 
-    return DocumentsMask(
-        seq, seq, mod, "documents", batch=batch, device=ids.device, runs=_document_runs(ids)
-    )
+    # The runs (read on the host) serve the block structure, which no kernel asks for inside
+    # a compiled graph (Flex evaluates the mask there).
+    runs = None if torch.compiler.is_compiling() else _document_runs(ids)
+    return DocumentsMask(seq, seq, mod, "documents", batch=batch, device=ids.device, runs=runs)
 
 
 def _document_runs(ids: Tensor) -> tuple[Tensor, ...] | None:
