@@ -43,10 +43,16 @@ CASES = {
 }
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", list(CASES))
-def test_compiles_as_one_graph_and_equals_eager(case):
-    module = CASES[case]()
-    x = torch.randn(2, 10, 32)
+def test_compiles_as_one_graph_and_equals_eager(case, device):
+    module = CASES[case]().to(device)
+    if "mask" in getattr(module, "kwargs", {}) and isinstance(module.kwargs["mask"], torch.Tensor):
+        module.kwargs = {**module.kwargs, "mask": module.kwargs["mask"].to(device)}
+    x = torch.randn(2, 10, 32, device=device)
     compiled = torch.compile(module, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(x), module(x), atol=1e-6, rtol=1e-6)
 
