@@ -21,13 +21,23 @@ class Kernel(Protocol):
 
     NAME: str
 
-    def unsupported(self, request: Request) -> str | None: ...
+    def unsupported(self, request: Request) -> str | None:
+        """Why this kernel cannot run ``request``, or None when it can."""
+        ...
 
-    def preferred(self, request: Request) -> str | None: ...
+    def preferred(self, request: Request) -> str | None:
+        """Why ``auto`` should pick this kernel for ``request`` over the KERNELS order, or
+        None."""
+        ...
 
-    def forward(self, request: Request) -> tuple[Tensor, Tensor | None]: ...
+    def forward(self, request: Request) -> tuple[Tensor, Tensor | None]:
+        """The output (batch, heads, q_len, value_dim), and the weights (batch, heads, q_len,
+        k_len) when ``request.return_weights`` is set, else None."""
+        ...
 
-    def explain(self, request: Request) -> str: ...
+    def explain(self, request: Request) -> str:
+        """One line: this kernel on ``request``, and why."""
+        ...
 
 
 KERNELS: dict[str, Kernel] = {
@@ -36,5 +46,6 @@ KERNELS: dict[str, Kernel] = {
     tiled.NAME: tiled,  # type: ignore[dict-item]
     flex.NAME: flex,  # type: ignore[dict-item]
 }
+"""Every kernel by name, in the order ``auto`` tries them."""
 
 __all__ = ["KERNELS", "Kernel", "Request", "flex", "reference", "sdpa", "tiled"]

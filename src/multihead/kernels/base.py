@@ -39,18 +39,22 @@ class Request:
 
     @property
     def num_heads(self) -> int:
+        """Query heads."""
         return self.query.shape[1]
 
     @property
     def num_kv_heads(self) -> int:
+        """Key/value heads (fewer than query heads under grouped-query attention)."""
         return self.key.shape[1]
 
     @property
     def q_len(self) -> int:
+        """Query positions."""
         return self.query.shape[2]
 
     @property
     def k_len(self) -> int:
+        """Key positions."""
         return self.key.shape[2]
 
     _dense: list[Tensor | None] = field(default_factory=list, repr=False, compare=False)
