@@ -164,6 +164,7 @@ class KVCache(_SelfAttentionCache):
 
     @property
     def max_len(self) -> int:
+        """How many positions the buffers hold (the ``max_len`` they were built with)."""
         return self.keys.shape[2]
 
     @property
@@ -267,6 +268,7 @@ class SlidingWindowKVCache(_SelfAttentionCache):
 
     @property
     def window(self) -> int:
+        """How many of the last positions are kept (the ring buffer's size)."""
         return self.keys.shape[2]
 
     @property
@@ -380,6 +382,7 @@ class CrossAttentionCache:
 
     @property
     def is_empty(self) -> bool:
+        """True until the first call has projected and stored the memory."""
         return self.keys is None
 
     def prepare(

@@ -37,11 +37,16 @@ __all__ = [
     "varlen",
 ]
 
-# mask_mod(b (B,1,1,1), h (1,H,1,1), q_idx (1,1,Q,1), kv_idx (1,1,1,K)) -> bool, broadcast
-# to (B|1, H|1, Q|1, K|1): FlexAttention's and transformers' signature, on index tensors.
 MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+"""``mask_mod(b (B,1,1,1), h (1,H,1,1), q_idx (1,1,Q,1), kv_idx (1,1,1,K)) -> bool``, broadcast
+to (B|1, H|1, Q|1, K|1): FlexAttention's and transformers' signature, on index tensors."""
 
-EMPTY, PARTIAL, FULL = 0, 1, 2
+EMPTY = 0
+"""A tile of the block structure where no query may attend to any key: kernels skip it."""
+PARTIAL = 1
+"""A tile where some pairs may attend and some not: kernels apply the mask there."""
+FULL = 2
+"""A tile where every pair may attend: kernels drop the mask there."""
 ALIGNMENTS = ("top-left", "bottom-right")
 
 

@@ -33,12 +33,12 @@ PositionsArg = Literal["rope", "alibi", "relative"] | None
 
 __all__ = ["MultiHeadAttention", "weights_recorders"]
 
-# While not empty (inside `multihead.viz.capture_attention`), every MultiHeadAttention hands
-# its per-head weights to the last of these callables. The output still comes from the kernel
-# that runs without a capture; the weights are computed beside it (the reference kernel,
-# without autograd). Empty (the default) it costs one truth test of a list: a plain Python
-# object, which torch.compile reads as a constant (a ContextVar it cannot trace).
 weights_recorders: list[Callable[[MultiHeadAttention, Tensor], None]] = []
+"""While not empty (inside `multihead.viz.capture_attention`), every MultiHeadAttention hands
+its per-head weights to the last of these callables. The output still comes from the kernel
+that runs without a capture; the weights are computed beside it (the reference kernel,
+without autograd). Empty (the default) it costs one truth test of a list: a plain Python
+object, which torch.compile reads as a constant (a ContextVar it cannot trace)."""
 
 
 def _check_positive_int(name: str, value: object) -> int:

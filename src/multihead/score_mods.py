@@ -43,6 +43,7 @@ __all__ = [
 ]
 
 ScoreModFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
+"""A score mod as a plain function: ``score_mod(score, b, h, q_idx, kv_idx) -> score``."""
 
 
 class ScoreMod:

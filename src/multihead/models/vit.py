@@ -86,6 +86,7 @@ class ViTConfig:
 
     @property
     def num_patches(self) -> int:
+        """Patches per image: (image_size // patch_size)²."""
         return (self.image_size // self.patch_size) ** 2
 
 

@@ -37,6 +37,8 @@ class WeightAverage:
         self.count += 1
 
     def state_dict(self) -> dict[str, Tensor]:
+        """The averaged weights, as the model's state dict (each in its parameter's dtype);
+        ValueError before any were collected."""
         if self.sum is None:
             raise ValueError("no weights collected yet")
         state = self.model.state_dict()

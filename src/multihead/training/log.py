@@ -44,6 +44,7 @@ class MetricsLog:
         atomic_write(self.path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
     def write(self, kind: str, step: int, values: Mapping[str, Any]) -> dict[str, Any]:
+        """Append one record, ``{"kind": kind, "step": step, **values}``, and return it."""
         record = {"kind": kind, "step": step, **values}
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")

@@ -87,6 +87,7 @@ class AttentionView:
 
     @property
     def num_heads(self) -> int:
+        """How many heads the weights hold (their first dimension)."""
         return self.weights.shape[0]
 
 
