@@ -3,8 +3,9 @@ TORCH ?= torch==2.13.0
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DOCS_STAMP := $(VENV)/.installed-docs
 
-.PHONY: setup demo test test-deps bench lint format clean train-translate train-image \
+.PHONY: setup demo test test-deps docs docs-deps bench lint format clean train-translate train-image \
 	train-speech train-image-ddp train-image-splits contender-translate contender-image contender-speech \
 	gpu-check
 
@@ -91,8 +92,22 @@ test-deps:
 	    "sudo apt-get install $$missing, or run make test as root)"; \
 	fi
 
-test: setup test-deps
+test: setup docs-deps test-deps
 	$(PY) -m pytest
+
+# The docs extra (mkdocs-material, mkdocstrings), installed into the venv once after setup.
+# `make test` installs it too: tests/test_docs.py runs the strict build.
+docs-deps: $(DOCS_STAMP)
+
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[docs]"
+	touch $(DOCS_STAMP)
+
+# HTML documentation in site/: the README's sections as guides and the API reference from the
+# docstrings (mkdocs.yml). --strict: a warning (a broken link or anchor, a page missing from
+# the nav, a docstring griffe cannot read) fails the build.
+docs: docs-deps
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 bench: setup
 	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/bench_layer.py --sizes 256 1024 2048
@@ -129,12 +144,12 @@ gpu-check:
 	exit $$status
 
 lint: setup
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks docs
+	$(VENV)/bin/ruff format --check src tests benchmarks docs
 
 format: setup
-	$(VENV)/bin/ruff format src tests benchmarks
-	$(VENV)/bin/ruff check --fix src tests benchmarks
+	$(VENV)/bin/ruff format src tests benchmarks docs
+	$(VENV)/bin/ruff check --fix src tests benchmarks docs
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache runs
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache runs site
