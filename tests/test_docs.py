@@ -234,6 +234,10 @@ def test_the_package_names_are_in_the_reference():
         elif inspect.isclass(obj) or inspect.isfunction(obj):
             homes = {path.rpartition(".")[0] for path in _public_paths(obj) - {f"multihead.{name}"}}
             assert homes & targets or f"multihead.{name}" in targets, name
+    # docs/api/index.md's table says on which page each of them is.
+    overview = (API_PAGES / "index.md").read_text(encoding="utf-8")
+    listed = set(re.findall(r"`(\w+)`", overview))
+    assert sorted(set(multihead.__all__) - listed - {"__version__"}) == []
 
 
 def _inventory(path: Path) -> set[str]:
