@@ -4,9 +4,10 @@ README.md stays the one source. The text before its first ``## `` heading become
 page (index.md); each ``## `` section becomes a page (``guides/<slug>.md``) with its headings
 raised one level, so the section's title is the page's title. The nav entry named "Guides" in
 mkdocs.yml is filled with those pages, in the README's order. Links are rewritten for the
-site: ``docs/...`` paths lose their ``docs/`` prefix, and ``#anchor`` links to another section
-point at that section's page. Anything else the README links to must exist in docs/, or the
-strict build fails on it.
+site: ``docs/...`` paths lose their ``docs/`` prefix; ``#anchor`` links to another section
+point at that section's page; a link to another file of the repo (an image, a JSON result)
+points at a copy of it under ``files/``, and one to a folder or a Markdown file outside docs/
+becomes its text and the path. A link to nothing that exists fails the strict build.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from pathlib import Path
 from mkdocs.structure.files import File, Files
 from pymdownx.slugs import slugify
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
 GUIDES_NAV = "Guides"
 GUIDES_DIR = "guides"
+FILES_DIR = "files"
 
 _slug = slugify(case="lower")  # the slugs of mkdocs.yml's toc: GitHub's, so README anchors hold
 _FENCE = re.compile(r"^\s*(```|~~~)")
@@ -81,8 +84,9 @@ def _anchors(page: str) -> set[str]:
     }
 
 
-def _relink(page: str, path: str, anchors: dict[str, str]) -> str:
-    """Rewrite the links of one page, at ``path``, for its place in the site."""
+def _relink(page: str, path: str, anchors: dict[str, str], copies: set[str]) -> str:
+    """Rewrite the links of one page, at ``path``, for its place in the site; the repo files
+    it links to outside docs/ are added to ``copies``."""
     depth = path.count("/")
     up = "../" * depth
 
@@ -90,12 +94,19 @@ def _relink(page: str, path: str, anchors: dict[str, str]) -> str:
         target = match.group(2)
         if re.match(r"^[a-z][a-z0-9+.-]*:", target) or target.startswith("/"):
             return match.group(0)  # a URL or an absolute path: as it is
+        file = ROOT / target.partition("#")[0]
         if target.startswith("#"):
             owner = anchors.get(target[1:])
             if owner is not None and owner != path:
                 target = up + owner + target
         elif target.startswith("docs/"):
             target = up + target[len("docs/") :]
+        elif file.is_file() and file.suffix != ".md":
+            copies.add(target.partition("#")[0])
+            target = f"{up}{FILES_DIR}/{target}"
+        elif file.exists() and not match.group(1).startswith("!"):
+            text = match.group(1)[1:-2]
+            return f"{text} (`{target}`)"
         return f"{match.group(1)}{target}{match.group(3) or ''})"
 
     out = []
@@ -104,26 +115,29 @@ def _relink(page: str, path: str, anchors: dict[str, str]) -> str:
     return "\n".join(out) + "\n"
 
 
-def readme_pages(text: str) -> tuple[list[tuple[str, str]], list[tuple[str, str, str]]]:
-    """The pages made from README text: ([(path, content)], [(title, path)] for the nav)."""
+def readme_pages(
+    text: str,
+) -> tuple[list[tuple[str, str]], list[tuple[str, str]], list[str]]:
+    """The pages made from README text: [(path, content)], [(title, path)] for the nav, and the
+    repo files the pages link to, to copy under ``files/``."""
     home, sections = split_readme(text)
     pages = [("index.md", home)] + [(path, page) for _, path, page in sections]
     anchors: dict[str, str] = {}
     for path, page in pages:
         for anchor in _anchors(page):
             anchors.setdefault(anchor, path)
-    return (
-        [(path, _relink(page, path, anchors)) for path, page in pages],
-        [(title, path) for title, path, _ in sections],
-    )
+    copies: set[str] = set()
+    pages = [(path, _relink(page, path, anchors, copies)) for path, page in pages]
+    return pages, [(title, path) for title, path, _ in sections], sorted(copies)
 
 
 _PAGES: list[tuple[str, str]] = []
+_COPIES: list[str] = []
 
 
 def on_config(config):
-    pages, nav = readme_pages(README.read_text(encoding="utf-8"))
-    _PAGES[:] = pages
+    pages, nav, copies = readme_pages(README.read_text(encoding="utf-8"))
+    _PAGES[:], _COPIES[:] = pages, copies
     entries = [e for e in config["nav"] or [] if isinstance(e, dict) and GUIDES_NAV in e]
     if not entries:
         raise ValueError(f"mkdocs.yml's nav needs a '{GUIDES_NAV}' entry for the README's pages")
@@ -137,4 +151,6 @@ def on_files(files: Files, config) -> Files:
         if files.get_file_from_path(path) is not None:
             raise ValueError(f"docs/{path} would hide the page made from README.md")
         files.append(File.generated(config, path, content=content))
+    for path in _COPIES:
+        files.append(File.generated(config, f"{FILES_DIR}/{path}", abs_src_path=str(ROOT / path)))
     return files

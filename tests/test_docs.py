@@ -298,7 +298,8 @@ def _importable(name: str) -> bool:
 
 def test_readme_pages_split_and_relink():
     """docs/readme_pages.py: one page per `## ` section (not one inside a code block), headings
-    raised a level, docs/ paths and #anchors rewritten for the page's place in the site."""
+    raised a level, docs/ paths, #anchors and repo files rewritten for the page's place in the
+    site; a link to nothing is left for the strict build to refuse."""
     pytest.importorskip("mkdocs")
     pytest.importorskip("pymdownx")
     spec = importlib.util.spec_from_file_location("readme_pages", ROOT / "docs" / "readme_pages.py")
@@ -316,10 +317,10 @@ def test_readme_pages_split_and_relink():
             "### Detail",
             "![plot](docs/images/a.png) [here](#detail) [web](https://example.org/#masks)",
             "## Masks and more",
-            "text",
+            "[the recipes](Makefile#L1), [tests](tests/), [nothing](no/such.png)",
         ]
     )
-    pages, nav = hook.readme_pages(readme)
+    pages, nav, copies = hook.readme_pages(readme)
     assert nav == [("Usage x", "guides/usage-x.md"), ("Masks and more", "guides/masks-and-more.md")]
     pages = dict(pages)
     assert pages["index.md"].startswith("# proj\nintro, see [the masks](guides/masks-and-more.md#")
@@ -330,4 +331,8 @@ def test_readme_pages_split_and_relink():
     assert usage[6] == (
         "![plot](../images/a.png) [here](#detail) [web](https://example.org/#masks)"
     )
-    assert pages["guides/masks-and-more.md"].startswith("# Masks and more\n")
+    assert pages["guides/masks-and-more.md"] == (
+        "# Masks and more\n"
+        "[the recipes](../files/Makefile#L1), tests (`tests/`), [nothing](no/such.png)\n"
+    )
+    assert copies == ["Makefile"]
