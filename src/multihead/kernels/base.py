@@ -116,14 +116,16 @@ def _per_query_head(flags: Tensor, num_heads: int) -> Tensor:
 def bad_queries(query: Tensor) -> Tensor:
     """(batch, heads, q_len) bool: query rows holding NaN or inf. Their output rows are NaN
     in every kernel, whatever the mask (even a row that sees no key)."""
-    return (_row_sums(query) * 0).isnan()  # inf·0 and NaN·0 are NaN
+    # Not (sum · 0).isnan(): torch.compile folds x·0 to 0 and the flags with it.
+    return ~_row_sums(query).isfinite()
 
 
 def nan_keys(key: Tensor) -> Tensor:
     """(batch, kv_heads, k_len) bool: key rows holding NaN. Every query that sees such a key
     gets a NaN output row. (A key holding +inf beside -inf, whose scores are mostly NaN, is
-    flagged too; one holding inf beside NaN keeps its inf: under a boolean mask both may
-    also make NaN a row that cannot see them, where the reference is finite.)"""
+    flagged too; one holding inf beside NaN keeps its inf through `clean_keys` (not through
+    `zero_rows`): under a boolean mask both may also make NaN a row that cannot see them,
+    where the reference is finite.)"""
     return _row_sums(key).isnan()
 
 
@@ -160,29 +162,63 @@ def clean_keys(key: Tensor) -> Tensor:
     return _ZeroNonFinite.apply(key, True)
 
 
+class _ZeroRows(torch.autograd.Function):
+    """Whole rows set to 0; the gradient passes through as it comes (see `_ZeroNonFinite`)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, rows: Tensor) -> Tensor:
+        return torch.where(rows.unsqueeze(-1), 0.0, x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad, None
+
+
+def zero_rows(x: Tensor, rows: Tensor) -> Tensor:
+    """``x`` (batch, heads, n, features) with the rows flagged in ``rows`` (batch, heads, n)
+    set to 0, whole: what a fused kernel may see of a row that `bad_queries` or `nan_keys`
+    flags (the output rows that see it are made NaN anyway).
+
+    The copy comes out contiguous (batch, heads, n, features), as the flags are, whatever
+    the layout of ``x``. Heads split from one projection are strided views (a row every
+    3·embed_dim floats), which SDPA's CPU kernels read markedly slower, backward most: on
+    the contiguous copy the forward and backward together win back more than the copy costs.
+    """
+    return _ZeroRows.apply(x, rows)
+
+
 def nan_rows(x: Tensor, rows: Tensor, in_place: bool) -> Tensor:
     """``x`` (..., n, features) with the rows flagged in ``rows`` (..., n) made NaN, by adding
     0 or NaN to each row: a broadcast add, several times cheaper than masked_fill. The
     gradient passes through unchanged: a loss that leaves the NaN rows out (a mask,
-    nansum) sends them none, and the other rows' gradients stay exact."""
+    nansum) sends them none, and the other rows' gradients stay exact.
+
+    A (batch, heads, n, features) ``x`` laid out (batch, n, heads, features), as SDPA leaves
+    heads split from one projection, gets the add in that order: a compiled graph then
+    writes the result in that layout too (in place when it can), and merging the heads stays
+    a view instead of a second pass.
+    """
     poison = torch.where(rows, math.nan, 0.0).to(x.dtype).unsqueeze(-1)
-    return x.add_(poison) if in_place else x + poison
+    heads_inside = x.ndim == 4 and x.stride(1) < x.stride(2)
+    if heads_inside:
+        x, poison = x.transpose(1, 2), poison.transpose(1, 2)
+    x = x.add_(poison) if in_place else x + poison
+    return x.transpose(1, 2) if heads_inside else x
 
 
-def poison_without_mask(query: Tensor, key: Tensor) -> Tensor:
-    """(batch, heads, q_len, 1): 0, or NaN for the rows that a fused kernel run without a
-    mask tensor (none, or top-left causal) turns into 0 but the reference makes NaN.
+def rows_broken_without_mask(query: Tensor, key: Tensor) -> Tensor:
+    """(batch, heads, q_len) bool: the rows that a fused kernel run without a mask tensor
+    (none, or top-left causal) turns into 0 but the reference makes NaN.
 
     A query row holding NaN/inf; or key 0 holding NaN. A row whose visible keys mix NaN
     and numbers is NaN already: a fused kernel returns 0 only where every visible key is
-    NaN, and then so is key 0, which every row sees. Added to the output (a few ops on
-    small tensors, none over the keys), it keeps a decoding step cheap.
+    NaN, and then so is key 0, which every row sees. A sum over each query row and over
+    key 0, none over the other keys: it keeps a decoding step cheap.
     """
     kv_heads = key.shape[1]
-    from_query = _row_sums(query).unsqueeze(-1) * 0  # inf·0 and NaN·0 are NaN
-    first_key = _row_sums(key[..., :1, :]).unsqueeze(-1)  # (B, kv_heads, 1, 1)
-    from_key = torch.where(first_key.isnan(), math.nan, 0.0).unsqueeze(2)
-    return (from_query.unflatten(1, (kv_heads, -1)) + from_key).flatten(1, 2)
+    first_key = nan_keys(key[..., :1, :])  # (B, kv_heads, 1)
+    from_query = bad_queries(query).unflatten(1, (kv_heads, -1))  # (B, kv_heads, group, Lq)
+    return (from_query | first_key.unsqueeze(2)).flatten(1, 2)
 
 
 def rows_seeing(keys: Tensor, mask: Tensor | None, num_heads: int) -> Tensor:
@@ -216,5 +252,7 @@ def causal_rows_seeing(keys: Tensor, q_len: int, num_heads: int) -> Tensor:
     running count over the keys: no mask is built."""
     flags = _per_query_head(keys, num_heads)
     seen_up_to = flags.cumsum(-1) > 0  # (B, H, K): a flagged key at or before k
+    if q_len <= keys.shape[-1]:  # query i sees keys 0..i
+        return seen_up_to[..., :q_len]
     last = torch.arange(q_len, device=keys.device).clamp(max=keys.shape[-1] - 1)
     return seen_up_to[..., last]

@@ -10,14 +10,13 @@ from .base import (
     Request,
     bad_queries,
     causal_rows_seeing,
-    clean_keys,
-    clean_queries,
     combine_masks,
     nan_keys,
     nan_rows,
     needs_grad,
-    poison_without_mask,
+    rows_broken_without_mask,
     rows_seeing,
+    zero_rows,
 )
 from .reference import causal_mask, score_indices
 
@@ -48,8 +47,11 @@ def forward(request: Request) -> tuple[Tensor, None]:
     query, key, mask, heads = request.query, request.key, request.mask, request.num_heads
     grad = needs_grad(query, key, request.value, mask)
     if mask is None and request.dropout_p == 0.0 and not grad:  # inference, no mask tensor
+        # SDPA runs on the inputs as they are: its causal fast path hides a NaN key from the
+        # rows before it (tests/test_reliability_inputs.py). Only the rows that it turns
+        # into 0 are made NaN, in place, in the layout SDPA wrote (see nan_rows).
         output = _attend(request, query, key)
-        return output.add_(poison_without_mask(query, key)), None
+        return nan_rows(output, rows_broken_without_mask(query, key), in_place=True), None
     broken_queries, broken_keys = bad_queries(query), nan_keys(key)
     if request.is_causal:
         broken = broken_queries | causal_rows_seeing(broken_keys, request.q_len, heads)
@@ -57,10 +59,11 @@ def forward(request: Request) -> tuple[Tensor, None]:
         broken = broken_queries | rows_seeing(broken_keys, mask, heads)
     # SDPA adds a mask (and, under dropout, the causal one) as -inf, and NaN + -inf is NaN;
     # its backward multiplies the entries it leaves out by 0: either would carry a NaN key
-    # to other rows, and the backward a NaN query too.
-    key = clean_keys(key)
+    # to other rows, and the backward a NaN query too. So the flagged rows are zeroed, in
+    # contiguous copies (see zero_rows: SDPA runs faster on them than on strided heads).
+    key = zero_rows(key, broken_keys)
     if grad:
-        query = clean_queries(query)
+        query = zero_rows(query, broken_queries)
     if mask is None or query.device.type in ZEROES_EMPTY_ROWS:
         output = _attend(request, query, key)
     else:
