@@ -216,6 +216,24 @@ def test_gradients_match_torch(case: str, need_weights: bool) -> None:
         torch.testing.assert_close(p.grad, theirs_params[name].grad, **TOL[torch.float64])
 
 
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_gradcheck_float64(need_weights: bool) -> None:
+    """gradcheck through every appended key and both masks; with the weights (the reference
+    kernel's pass) gradgradcheck too. Without them the fused kernel runs, whose backward, as
+    in torch's module, has no derivative of its own."""
+    ours, _ = make_pair(dtype=torch.float64, add_bias_kv=True, add_zero_attn=True)
+    args, kwargs = call_args(ours, {"kpm": "bool", "mask": "3d-float"}, dtype=torch.float64)
+    xs = tuple(x.clone().requires_grad_() for x in args)
+
+    def layer(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, ...]:
+        out, weights = ours(q, k, v, need_weights=need_weights, **kwargs)
+        return (out,) if weights is None else (out, weights)
+
+    assert torch.autograd.gradcheck(layer, xs)
+    if need_weights:
+        assert torch.autograd.gradgradcheck(layer, xs)
+
+
 # -- the same module: parameters, names, initialisation ----------------------------------------
 MODULE_VARIANTS = [
     {},
@@ -472,3 +490,23 @@ def test_bad_unbatched_masks() -> None:
         module(q, k, k, key_padding_mask=torch.zeros(1, S, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"attn_mask .*num_heads, L, S"):
         module(q, k, k, attn_mask=torch.zeros(H + 1, L, S))
+
+
+def test_is_causal_hint_does_not_skip_the_attn_mask_check() -> None:
+    """With is_causal=True the attn_mask given is still what is applied, so it is checked: one
+    made for another length raises, with or without weights."""
+    module = MultiheadAttention(E, H)
+    x = torch.randn(L, N, E)
+    wrong = nn.Transformer.generate_square_subsequent_mask(L + 1)
+    for need_weights in (True, False):
+        with pytest.raises(ValueError, match=r"attn_mask has shape \(4, 4\)"):
+            module(x, x, x, attn_mask=wrong, is_causal=True, need_weights=need_weights)
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")
+@pytest.mark.parametrize("layout", [torch.strided, torch.jagged])
+def test_nested_tensor_input_is_refused(layout: torch.layout) -> None:
+    module = MultiheadAttention(E, H, batch_first=True).eval()
+    nested = torch.nested.nested_tensor([torch.randn(2, E), torch.randn(3, E)], layout=layout)
+    with torch.no_grad(), pytest.raises(TypeError, match="nested tensor"):
+        module(nested, nested, nested)

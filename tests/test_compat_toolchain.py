@@ -2,6 +2,7 @@
 fast path, dynamic quantization, TorchScript, torch.jit.trace, truthy flags and mixed bias
 dtypes. Every answer is compared with torch's nn.MultiheadAttention holding the same weights."""
 
+import copy
 import io
 import warnings
 
@@ -197,6 +198,107 @@ def test_encoder_layer_holding_it_equals_torchs(
             got, want = ours(src, **kwargs), theirs(src, **kwargs)
     fast = path == "fast"
     assert calls == {"_forward": int(not fast), "merge_masks": int(fast)}
+    torch.testing.assert_close(got, want, **TOL[torch.float32])
+
+
+def with_our_attention(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` in which every torch nn.MultiheadAttention is ours, same weights."""
+    twin = copy.deepcopy(model)
+    for parent in list(twin.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.MultiheadAttention:
+                ours = MultiheadAttention(
+                    child.embed_dim,
+                    child.num_heads,
+                    bias=child.in_proj_bias is not None,
+                    batch_first=child.batch_first,
+                )
+                ours.load_state_dict(child.state_dict(), strict=True)
+                setattr(parent, name, ours.train(child.training))
+    return twin
+
+
+def transformer_masks(kind: str) -> dict[str, Tensor | bool]:
+    """nn.Transformer's masks for source length 5 and target length 4, batch 3 (torch's
+    polarity); batch element 1 of the source and 2 of the target are padded."""
+    source_padding = torch.zeros(3, 5, dtype=torch.bool)
+    source_padding[1, 3:] = True
+    target_padding = torch.zeros(3, 4, dtype=torch.bool)
+    target_padding[2, 2:] = True
+    causal = nn.Transformer.generate_square_subsequent_mask(4)
+    return {
+        "none": {},
+        "causal-bool": {"tgt_mask": torch.ones(4, 4, dtype=torch.bool).triu(1)},
+        "causal-float-padding": {
+            "tgt_mask": causal,
+            "src_key_padding_mask": source_padding,
+            "tgt_key_padding_mask": target_padding,
+            "memory_key_padding_mask": source_padding,
+        },
+        "tgt_is_causal-padding": {
+            "tgt_mask": causal,
+            "tgt_is_causal": True,
+            "src_key_padding_mask": source_padding,
+            "memory_key_padding_mask": source_padding,
+        },
+    }[kind]
+
+
+@pytest.mark.parametrize(
+    "masks", ["none", "causal-bool", "causal-float-padding", "tgt_is_causal-padding"]
+)
+@pytest.mark.parametrize(
+    "batch_first,norm_first,training",
+    [(True, False, False), (False, True, False), (True, True, True), (False, False, True)],
+)
+def test_transformer_holding_it_equals_torchs(
+    batch_first: bool, norm_first: bool, training: bool, masks: str
+) -> None:
+    """nn.Transformer with ours in every attention (encoder self-attention, decoder self- and
+    cross-attention) gives torch's output; in training, torch's gradients too. In eval under
+    no_grad its encoder takes torch's fused fast path on our weights where it can."""
+    torch.manual_seed(0)
+    options = {"dropout": 0.0, "batch_first": batch_first, "norm_first": norm_first}
+    with warnings.catch_warnings():  # torch: why its encoder won't use nested tensors
+        warnings.simplefilter("ignore", UserWarning)
+        theirs = nn.Transformer(16, 4, 2, 2, 32, **options).train(training)
+    ours = with_our_attention(theirs)
+    assert type(ours.decoder.layers[1].multihead_attn) is MultiheadAttention
+    gen = torch.Generator().manual_seed(1)
+    src, tgt = torch.randn(3, 5, 16, generator=gen), torch.randn(3, 4, 16, generator=gen)
+    if not batch_first:
+        src, tgt = src.transpose(0, 1), tgt.transpose(0, 1)
+    kwargs = transformer_masks(masks)
+    with warnings.catch_warnings():  # torch: a float tgt_mask with bool padding masks
+        warnings.simplefilter("ignore", UserWarning)
+        with torch.set_grad_enabled(training):
+            got, want = ours(src, tgt, **kwargs), theirs(src, tgt, **kwargs)
+    torch.testing.assert_close(got, want, **TOL[torch.float32])
+    if training:
+        got.square().sum().backward()
+        want.square().sum().backward()
+        theirs_params = dict(theirs.named_parameters())
+        for name, p in ours.named_parameters():
+            torch.testing.assert_close(p.grad, theirs_params[name].grad, atol=1e-4, rtol=1e-4)
+
+
+def test_encoder_with_nested_tensors_holding_it_equals_torchs() -> None:
+    """nn.TransformerEncoder(enable_nested_tensor=True) in eval under no_grad packs a padded
+    batch into a nested tensor for torch's fused layer, which reads our weights: same output
+    as torch's module, and our forward is never called with a nested tensor."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+    theirs = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True).eval()
+    ours = with_our_attention(theirs)
+    calls = [count_calls(block.self_attn, "_forward") for block in ours.layers]
+    src = torch.randn(3, 6, 16, generator=torch.Generator().manual_seed(1))
+    padding = torch.zeros(3, 6, dtype=torch.bool)
+    padding[0, 4:] = True
+    padding[2, 2:] = True
+    with torch.no_grad():
+        got = ours(src, src_key_padding_mask=padding)
+        want = theirs(src, src_key_padding_mask=padding)
+    assert calls == [{"_forward": 0}, {"_forward": 0}]
     torch.testing.assert_close(got, want, **TOL[torch.float32])
 
 

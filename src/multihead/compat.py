@@ -19,11 +19,14 @@ What differs on purpose:
 - With an ``attn_mask``, ``is_causal`` is only a hint, as in torch, and the ``attn_mask``
   given is what is applied (torch may apply its own causal mask instead, depending on
   ``need_weights`` and ``key_padding_mask``, so a wrong hint changes its answer; here it can't).
+  So the ``attn_mask`` is always checked too: one of the wrong shape raises ``ValueError``
+  where torch, with ``need_weights=False`` and no ``key_padding_mask``, drops it unchecked.
 - In training with dropout, the returned weights are the attention distribution before
   dropout (torch returns them after).
 - A bool ``key_padding_mask`` with a float ``attn_mask`` (or the reverse) is merged without
   torch's deprecation warning; bad input raises ``ValueError``/``TypeError``, not
-  ``AssertionError``/``RuntimeError``. There is no NestedTensor fast path.
+  ``AssertionError``/``RuntimeError``. There is no NestedTensor fast path: a nested query,
+  key or value raises ``TypeError`` (pad the batch and pass a ``key_padding_mask``).
 - An ``in_proj_bias`` (or ``bias_k``/``bias_v``) of another float dtype than the weights is
   applied in the weights' dtype in every layout. torch gives that answer where its projection
   happens to see a non-contiguous input (``batch_first``) and raises elsewhere.
