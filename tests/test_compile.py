@@ -4,6 +4,8 @@ graph break) and `torch.export.export`, and must equal eager."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -147,3 +149,42 @@ def test_models_that_build_their_masks_inside_compile_as_one_graph():
     with torch.no_grad():
         for name, (fn, *args) in calls.items():
             torch.testing.assert_close(_one_graph(fn, *args), fn(*args), msg=name)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("how", ["causal", "bool_mask"])
+@pytest.mark.parametrize("where", ["query", "key"])
+def test_inductor_keeps_the_nan_rows_of_eager(where, how, grad):
+    """Compiled by inductor (which folds x·0 to 0: a NaN check written so lost its rows), a
+    NaN or inf query row, or a NaN key, makes NaN the same rows as eager, and the other rows
+    and their gradients equal eager's."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 4, 37, 16, generator=gen) for _ in range(3))
+    if where == "query":
+        q[1, 2, 5, 3], q[0, 1, 30, 0] = math.nan, math.inf
+    else:
+        k[1, 0, 20, 7] = math.nan
+    kwargs = {"causal": True} if how == "causal" else {"mask": torch.rand(1, 1, 37, 37) < 0.6}
+
+    def attend(q, k, v):
+        return multihead.attention(q, k, v, **kwargs)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(attend, fullgraph=True, dynamic=False)
+    outputs, grads = [], []
+    for fn in (attend, compiled):
+        inputs = [t.clone().requires_grad_(grad) for t in (q, k, v)]
+        with torch.set_grad_enabled(grad):
+            out = fn(*inputs)
+        outputs.append(out)
+        if grad:
+            finite = out.isfinite().all(-1, keepdim=True)
+            loss = out.masked_fill(~finite, 0.0).square().sum()
+            grads.append(torch.autograd.grad(loss, inputs))
+    eager, got = outputs
+    assert eager.isnan().any()
+    assert torch.equal(got.isnan(), eager.isnan())
+    torch.testing.assert_close(got.nan_to_num(), eager.nan_to_num(), atol=1e-5, rtol=1e-5)
+    if grad:
+        for g_compiled, g_eager in zip(*grads, strict=True):
+            torch.testing.assert_close(g_compiled, g_eager, atol=1e-4, rtol=1e-4, equal_nan=True)
