@@ -8,30 +8,16 @@ import warnings
 
 import pytest
 import torch
+from test_compat import E, H, L, N, S, make_pair
 from torch import Tensor, nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from multihead.compat import MultiheadAttention
 
-E, H, N, L, S = 8, 2, 2, 3, 5  # embed_dim, heads, batch, query length, key length
 TOL = {torch.float32: {"atol": 1e-5, "rtol": 1e-5}, torch.float64: {"atol": 1e-10, "rtol": 1e-8}}
 
 # torch.jit.trace and torch.jit.script say they are deprecated; that is not under test here.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-
-
-def make_pair(
-    seed: int = 0, dtype: torch.dtype = torch.float32, **kwargs
-) -> tuple[MultiheadAttention, nn.MultiheadAttention]:
-    """Ours with random parameters (biases non-zero too) and torch's loaded from its state."""
-    torch.manual_seed(seed)
-    ours = MultiheadAttention(E, H, dtype=dtype, **kwargs)
-    with torch.no_grad():
-        for p in ours.parameters():
-            p.normal_(0.0, 0.5)
-    theirs = nn.MultiheadAttention(E, H, dtype=dtype, **kwargs)
-    theirs.load_state_dict(ours.state_dict(), strict=True)
-    return ours.eval(), theirs.eval()
 
 
 def make_inputs(

@@ -44,6 +44,7 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from .functional import attention
 from .kernels.base import bad_queries, combine_masks
+from .multi_head_attention import check_like_weights
 
 __all__ = ["MultiheadAttention"]
 
@@ -174,14 +175,7 @@ def _check_inputs(mha: nn.MultiheadAttention, query: object, key: object, value:
             )
         if x.shape[-1] != width:
             raise ValueError(f"{name} has {x.shape[-1]} features but the layer expects {width}")
-        if not x.dtype.is_floating_point:
-            raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
-        if x.dtype != weight.dtype:
-            raise TypeError(
-                f"{name} has dtype {x.dtype} but the layer's weights are {weight.dtype}"
-            )
-        if x.device != weight.device:
-            raise ValueError(f"{name} is on {x.device} but the layer is on {weight.device}")
+        check_like_weights(name, x, weight)
     if key.shape[:-1] != value.shape[:-1]:
         raise ValueError(
             f"key has shape {tuple(key.shape)} and value {tuple(value.shape)}; "

@@ -72,6 +72,17 @@ def refuse_beyond_self_attention(
             raise ValueError(f"{name} cannot be used with {what}")
 
 
+def check_like_weights(name: str, x: Tensor, weight: Tensor) -> None:
+    """``x`` must be floating point with the dtype and device of the layer's ``weight``
+    (no silent casts)."""
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"{name} has dtype {x.dtype} but the layer's weights are {weight.dtype}")
+    if x.device != weight.device:
+        raise ValueError(f"{name} is on {x.device} but the layer is on {weight.device}")
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head attention (Vaswani et al., 2017) with GQA, QK-norm and soft-capping.
 
@@ -306,16 +317,7 @@ class MultiHeadAttention(nn.Module):
         return x.transpose(1, 2).flatten(2)
 
     def _check_like_weights(self, name: str, x: Tensor) -> None:
-        """``x`` must have the dtype and device of the layer's weights (no silent casts)."""
-        weight = self.out_proj.weight
-        if not x.dtype.is_floating_point:
-            raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
-        if x.dtype != weight.dtype:
-            raise TypeError(
-                f"{name} has dtype {x.dtype} but the layer's weights are {weight.dtype}"
-            )
-        if x.device != weight.device:
-            raise ValueError(f"{name} is on {x.device} but the layer is on {weight.device}")
+        check_like_weights(name, x, self.out_proj.weight)
 
     def _check_inputs(self, query: object, key: object, value: object) -> None:
         """query, key and value (batch, seq, features), alike; key and value None are skipped
