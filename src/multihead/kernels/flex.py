@@ -71,8 +71,9 @@ def unsupported(request: Request) -> str | None:
         return "it does not return attention weights"
     if request.dropout_p > 0.0:
         return "it has no dropout"
+    mod_tensors = request.score_mod.tensors if request.score_mod is not None else ()
     if request.query.device.type == "cpu" and needs_grad(
-        request.query, request.key, request.value, request.bias
+        request.query, request.key, request.value, request.bias, *mod_tensors
     ):
         return f"torch {torch.__version__.split('+')[0]} has no FlexAttention backward on the CPU"
     if request.query.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
