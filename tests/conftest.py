@@ -24,6 +24,13 @@ settings.register_profile(
 )
 settings.load_profile("core")
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "wheel: builds the wheel and runs it from a fresh venv (about a minute)"
+    )
+
+
 # Tiny shapes: extra intra-op threads only fight over the 2 shared cores (measured: the core
 # suite takes ~3x longer with torch's default thread count).
 torch.set_num_threads(1)

@@ -757,7 +757,7 @@ def test_model_configs_refuse_bad_fields(config_class, fields, word):
         (["show", "/no/such/file.safetensors"], "not 'translation', 'image' or an existing"),
         (["show", "{bad}"], "is not a safetensors file"),
         (["translate", "Hello.", "--model", "/no/such/dir"], "no translation model in"),
-        (["eval", "image"], "eval image"),
+        (["eval", "image", "--model", "/no/such/dir"], "no image model in"),
         (["demo", "layer", "--embed-dim", "0"], "embed_dim must be positive"),
         (["demo", "layer", "--embed-dim", "6", "--num-heads", "4"], "divisible"),
     ],
@@ -804,10 +804,10 @@ def test_cli_layer_demo_never_crashes(embed_dim, num_heads):
 def test_cli_reports_a_stopped_run_in_one_line(error, code, word, monkeypatch, capsys):
     class App:
         @staticmethod
-        def main(options):
+        def main(options, prog):
             raise error
 
-    monkeypatch.setattr(cli.importlib, "import_module", lambda name: App)
+    monkeypatch.setattr(cli.train, "load_app", lambda task: App)
     assert cli.main(["train", "image"]) == code
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and word in err[0]

@@ -14,7 +14,7 @@ from .masks import Mask
 from .models import LMConfig, Seq2SeqConfig, Seq2SeqTransformer, TransformerLM
 from .multi_head_attention import MultiHeadAttention
 from .positional import ALiBi, RelativePositionBias, RotaryEmbedding, alibi_bias
-from .report import explain_module
+from .report import explain_call, explain_module
 from .transformer import Decoder, DecoderLayer, DecoderOnly, DecoderOnlyLayer, Encoder, EncoderLayer
 from .varlen import attention_varlen, pack, unpack
 
@@ -28,5 +28,5 @@ __all__ += ["AttentionConfig", "DecoderOnly", "DecoderOnlyLayer"]
 __all__ += ["LMConfig", "Seq2SeqConfig", "Seq2SeqTransformer", "TransformerLM"]
 __all__ += ["SlidingWindowKVCache", "attention_varlen", "pack", "unpack"]
 __all__ += ["ALiBi", "RelativePositionBias", "RotaryEmbedding", "alibi_bias"]
-__all__ += ["attention_weights", "explain_module"]
+__all__ += ["attention_weights", "explain_call", "explain_module"]
 __all__ += ["RingAttention", "ring_attention"]

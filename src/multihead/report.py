@@ -17,7 +17,7 @@ from . import functional
 from .kernels import Kernel, Request, sdpa, tiled
 from .multi_head_attention import MultiHeadAttention
 
-__all__ = ["LayerReport", "ModelReport", "explain_module"]
+__all__ = ["LayerReport", "ModelReport", "explain_call", "explain_module"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,35 @@ def _fraction(request: Request, chosen: Kernel) -> float:
         q, k = request.q_len, request.k_len
         return min(1.0, (q + 1) / (2 * k)) if q == k else 1.0
     return 1.0
+
+
+def explain_call(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    mask: object = None,
+    causal: bool | str = False,
+    dropout_p: float = 0.0,
+    return_weights: bool = False,
+    kernel: str = "auto",
+) -> LayerReport:
+    """What `multihead.attention` would do with these arguments, without running it: the
+    kernel, why, and the share of the scores it computes. Only shapes, dtypes and devices
+    are read, so zero-stride tensors (``torch.zeros(()).expand(...)``) of any size will do."""
+    request = functional._request(
+        query=query, key=key, value=value, mask=mask, causal=causal, scale=None,
+        dropout_p=dropout_p, softcap=None, return_weights=return_weights,
+    )  # fmt: skip
+    chosen = functional.select_kernel(request, kernel)
+    batch, heads = request.query.shape[:2]
+    return LayerReport(
+        layer="(call)",
+        shape=(batch, heads, request.q_len, request.k_len),
+        kernel=chosen.NAME,
+        fraction=_fraction(request, chosen),
+        explanation=functional.explain_request(request, chosen, kernel),
+    )
 
 
 def explain_module(module: nn.Module, *args: object, **kwargs: object) -> ModelReport:

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from ..models.vit import ViT, ViTConfig
 from ..training import distributed as dist
-from . import common
+from . import common, limits
 from .common import Defaults
 
 __all__ = [
@@ -199,6 +199,7 @@ def svc_baselines(split: DigitsSplit) -> dict[str, float]:
     }
 
 
+PROG = "python -m multihead.apps.image"  # `multihead train` passes its own usage name
 DEFAULTS = Defaults(
     run_dir="runs/image-digits",
     model_dir="models/image-digits",
@@ -215,10 +216,10 @@ DEFAULTS = Defaults(
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     """The shared training flags (`common`) and the image app's own."""
     p = common.build_parser(
-        "python -m multihead.apps.image",
+        prog,
         "Train a ViT on scikit-learn's 8×8 digits and compare it with an RBF SVM.",
         DEFAULTS,
     )
@@ -227,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     arg("--no-save", action="store_true", help="do not write --model-dir")
     arg("--test-size", type=int, default=360)
     arg("--split-seed", type=int, default=0, help="seed of the train/test split")
-    arg("--batch-size", type=int, default=64)
+    arg("--batch-size", type=limits.bounded_int(1, 4096, "a batch of images"), default=64)
     arg("--label-smoothing", type=float, default=0.1)
     arg("--max-shift", type=float, default=1.0, help="pixels")
     arg("--max-rotation", type=float, default=10.0, help="degrees")
@@ -239,11 +240,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(
-    argv: Sequence[str] | None = None, *, build_model: Callable[[ViTConfig], nn.Module] = ViT
+    argv: Sequence[str] | None = None,
+    *,
+    build_model: Callable[[ViTConfig], nn.Module] = ViT,
+    prog: str = PROG,
 ) -> int:
     """Train and score the ViT and the SVCs. ``build_model`` makes the model from its config
     (the benchmarks pass a twin whose encoder is ``torch.nn.TransformerEncoder``)."""
-    args = common.parse_args(build_parser(), argv, DEFAULTS)
+    args = common.parse_args(build_parser(prog), argv, DEFAULTS)
     main_process = common.start(args)
     config = ViTConfig(
         patch_size=args.patch_size,
@@ -260,6 +264,7 @@ def main(
     baselines = svc_baselines(split) if main_process else {}
     svc_seconds = time.monotonic() - tick
 
+    limits.check_model_fits(build_model, config)
     torch.manual_seed(args.seed)
     model = build_model(config)
     net = dist.wrap(model)  # DDP under torchrun: the forward that averages the gradients

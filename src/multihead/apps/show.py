@@ -32,11 +32,13 @@ from ..viz import (
     views_from_capture,
     write_html,
 )
+from .limits import BEAM
+from .shipped import shipped_model
 
 __all__ = ["add_show_command", "run_show", "show_image", "show_translation", "show_weights"]
 
-TRANSLATION_MODEL = Path("models/translate-en-fr")
-IMAGE_MODEL = Path("models/image-digits")
+TRANSLATION_MODEL = shipped_model("translate-en-fr")
+IMAGE_MODEL = shipped_model("image-digits")
 
 
 def add_show_command(subparsers: Any) -> None:
@@ -50,13 +52,13 @@ def add_show_command(subparsers: Any) -> None:
     show.add_argument(
         "argument", nargs="?", help="the English sentence (translation) or test image index (image)"
     )
-    show.add_argument("--model", type=Path, help="model directory (default: models/<app>/)")
+    show.add_argument("--model", type=Path, help="model directory (default: the shipped model)")
     show.add_argument("--tokenizer", type=Path, help="sentencepiece model (default: the model's)")
     show.add_argument("--out", type=Path, default=Path("runs/show"), help="output directory")
     show.add_argument(
         "--layer", type=int, help="decoder layer for the alignment (default: mean of all)"
     )
-    show.add_argument("--beam", type=int, default=5, help="beam size for the translation")
+    show.add_argument("--beam", type=BEAM, default=5, help="beam size for the translation")
     show.set_defaults(run=run_show)
 
 

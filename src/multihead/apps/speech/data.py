@@ -17,6 +17,7 @@ from typing import Protocol, TypeVar
 
 import numpy as np
 
+from ..shipped import DATA_VARIABLE, data_file
 from .augment import add_noise, colored_noise
 
 __all__ = [
@@ -34,7 +35,7 @@ __all__ = [
     "split",
 ]
 
-DATA_DIR = Path(__file__).resolve().parents[4] / "data" / "fsdd"
+DATA_DIR = data_file("fsdd")
 SAMPLE_RATE = 8000
 # FSDD's own test split: takes 0-4 of every digit and speaker.
 TEST_INDICES = frozenset(range(5))
@@ -95,6 +96,11 @@ def load_clips(root: Path | str = DATA_DIR) -> list[Clip]:
     import soundfile
 
     root = Path(root)
+    if not (root / "fsdd-digits.flac").is_file():
+        raise FileNotFoundError(
+            f"{root / 'fsdd-digits.flac'} not found: FSDD ships with the package and in the "
+            f"repository's data/fsdd/ (or set {DATA_VARIABLE} to a folder holding fsdd/)"
+        )
     audio, rate = soundfile.read(root / "fsdd-digits.flac", dtype="float32")
     if rate != SAMPLE_RATE:
         raise ValueError(f"expected {SAMPLE_RATE} Hz audio, got {rate} Hz")

@@ -36,7 +36,7 @@ from torch import Tensor
 from ...models.speech import SpeechEncoder, SpeechEncoderConfig, ctc_loss
 from ...training import WeightAverage
 from ...training import distributed as dist
-from .. import common
+from .. import common, limits
 from ..common import Defaults
 from .augment import AugmentConfig, spec_augment, speed_perturb
 from .data import (
@@ -224,6 +224,8 @@ def choose_average(
     return "final"
 
 
+EVAL_SIZE = limits.bounded_int(1, limits.MAX_UTTERANCES, "utterances held in memory")
+PROG = "python -m multihead.apps.speech.train"  # `multihead train` passes its own usage name
 DEFAULTS = Defaults(
     run_dir="runs/speech",
     model_dir=None,  # the model goes to RUN/model
@@ -241,13 +243,13 @@ DEFAULTS = Defaults(
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     """The shared training flags (`common`) and the speech app's own."""
     summary = (__doc__ or "").split("\n\n")[0]
-    p = common.build_parser("python -m multihead.apps.speech.train", summary, DEFAULTS)
+    p = common.build_parser(prog, summary, DEFAULTS)
     own = p.add_argument_group("speech")
     arg = own.add_argument
-    arg("--batch-size", type=int, default=32)
+    arg("--batch-size", type=limits.bounded_int(1, 1024, "a batch of utterances"), default=32)
     arg("--layers", type=int, default=4)
     arg("--conv-channels", type=int, default=64)
     arg("--n-mels", type=int, default=40, choices=(40, 80))
@@ -261,8 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     arg("--espeak-fraction", type=float, default=0.2, help="share of synthetic utterances")
     arg("--espeak-cache", default="runs/espeak-cache", help="where generated audio is kept")
     arg("--unseen-speaker", default=UNSEEN_SPEAKER)
-    arg("--eval-size", type=int, default=300, help="utterances per final evaluation set")
-    arg("--beam", type=int, default=8)
+    arg("--eval-size", type=EVAL_SIZE, default=300, help="utterances per final evaluation set")
+    arg("--beam", type=limits.BEAM, default=8)
     return p
 
 
@@ -270,10 +272,11 @@ def main(
     argv: Sequence[str] | None = None,
     *,
     build_model: Callable[[SpeechEncoderConfig], SpeechEncoder] = SpeechEncoder,
+    prog: str = PROG,
 ) -> int:
     """Train, choose the weights, save and score. ``build_model`` makes the model from its
     config (the benchmarks pass a twin whose encoder is ``torch.nn.TransformerEncoder``)."""
-    args = common.parse_args(build_parser(), argv, DEFAULTS)
+    args = common.parse_args(build_parser(prog), argv, DEFAULTS)
     main_process = common.start(args)
     run_dir = args.run_dir
     model_config = SpeechEncoderConfig(
@@ -334,6 +337,7 @@ def main(
         loss = loss * dist.mean_share(len(batch.frames), total)  # the global batch's mean
         return loss, {"frames": float(batch.frames.sum())}
 
+    limits.check_model_fits(build_model, model_config)
     torch.manual_seed(args.seed)
     model = build_model(model_config)
     net = dist.wrap(model)  # DDP under torchrun: the forward that averages the gradients

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from ...training.checkpoint import atomic_write
+from ..shipped import DATA_VARIABLE, data_file
 
 if TYPE_CHECKING:
     from sentencepiece import SentencePieceProcessor
@@ -53,9 +54,8 @@ __all__ = [
     "token_batches",
 ]
 
-REPO_ROOT = Path(__file__).resolve().parents[4]
-DATA_FILE = REPO_ROOT / "data" / "tatoeba-eng-fra.tsv.gz"
-SPM_MODEL = REPO_ROOT / "data" / "translate" / "spm.model"
+DATA_FILE = data_file("tatoeba-eng-fra.tsv.gz")
+SPM_MODEL = data_file("translate", "spm.model")
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 VOCAB_SIZE = 8000
 SPLIT_SEED = 0
@@ -70,8 +70,8 @@ def load_pairs(path: str | os.PathLike[str] = DATA_FILE) -> list[Pair]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"{path} not found: the Tatoeba data ships in the repository's data/ folder "
-            "(run from a source checkout or pass the path)"
+            f"{path} not found: the Tatoeba data ships with the package and in the "
+            f"repository's data/ folder (or set {DATA_VARIABLE} to a folder holding it)"
         )
     pairs = []
     with gzip.open(path, "rt", encoding="utf-8") as handle:

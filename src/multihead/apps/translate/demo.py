@@ -1,6 +1,6 @@
 """`make demo`: the shipped English → French model, scored, translating, and looked at.
 
-Loads the model from `models/translate-en-fr/`, scores it on the test split with sacrebleu
+Loads the shipped model (`multihead.apps.shipped`), scores it on the test split with sacrebleu
 (corpus BLEU and chrF against all references of each sentence), translates a handful of
 sentences, and writes the per-head attention of one sentence (encoder self-attention,
 decoder self-attention, cross-attention) as PNG heatmaps.
@@ -15,10 +15,11 @@ import torch
 
 from ...models import Seq2SeqTransformer
 from ...viz import capture_attention, plot_alignment, plot_heads, views_from_capture
+from ..shipped import shipped_model
 from .data import load_splits, load_tokenizer
 from .evaluate import evaluate_pairs, translate
 
-MODEL_DIR = Path("models/translate-en-fr")
+MODEL_DIR = shipped_model("translate-en-fr")
 EXAMPLES = [
     "Where is the station?",
     "I don't like cold coffee.",
@@ -34,7 +35,8 @@ def load(model_dir: Path = MODEL_DIR):
     """The model and its tokenizer; a clear error when the model is not there."""
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(
-            f"no translation model in {model_dir}/: train one with `make train-translate`"
+            f"no translation model in {model_dir}/: pass --model DIR, or train one with "
+            "`make train-translate`"
         )
     model = Seq2SeqTransformer.from_pretrained(model_dir)
     tokenizer = model_dir / "spm.model"

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from ...models import Seq2SeqConfig, Seq2SeqTransformer
 from ...training import distributed as dist
-from .. import common
+from .. import common, limits
 from ..common import Defaults
 from .data import (
     PAD_ID,
@@ -55,6 +55,8 @@ from .evaluate import evaluate_pairs
 __all__ = ["EpochBatches", "build_parser", "main", "shard"]
 
 
+MAX_TOKENS = limits.bounded_int(1, 65536, "padded tokens in one batch")
+PROG = "python -m multihead.apps.translate.train"  # `multihead train` passes its own usage name
 DEFAULTS = Defaults(
     run_dir="runs/translate-en-fr",
     model_dir="models/translate-en-fr",
@@ -74,10 +76,10 @@ DEFAULTS = Defaults(
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     """The shared training flags (`common`) and the translation app's own."""
     parser = common.build_parser(
-        "python -m multihead.apps.translate.train",
+        prog,
         "Train the English → French Transformer on Tatoeba.",
         DEFAULTS,
     )
@@ -85,13 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     arg = own.add_argument
     arg("--encoder-layers", type=int, default=3)
     arg("--decoder-layers", type=int, default=3)
-    arg("--max-tokens", type=int, default=2048, help="padded tokens per batch")
+    arg("--max-tokens", type=MAX_TOKENS, default=2048, help="padded tokens per batch")
     arg("--label-smoothing", type=float, default=0.1)
     arg("--bf16", action="store_true", help="bfloat16 autocast (CPU AMX)")
     arg("--valid-sentences", type=int, default=500, help="valid BLEU subset")
     arg("--checkpoint-every", type=int, default=500)
     test = parser.add_argument_group("test")
-    test.add_argument("--beam", type=int, default=5)
+    test.add_argument("--beam", type=limits.BEAM, default=5)
     test.add_argument("--length-penalty", type=float, default=1.0)
     test.add_argument("--test-sentences", type=int, help="score only this many (spread)")
     return parser
@@ -126,10 +128,11 @@ def main(
     argv: Sequence[str] | None = None,
     *,
     build_model: Callable[[Seq2SeqConfig], torch.nn.Module] = Seq2SeqTransformer,
+    prog: str = PROG,
 ) -> int:
     """Train, choose the weights, save and test. ``build_model`` makes the model from its
     config (the benchmarks pass a ``torch.nn.Transformer`` twin to run the same recipe)."""
-    args = common.parse_args(build_parser(), argv, DEFAULTS)
+    args = common.parse_args(build_parser(prog), argv, DEFAULTS)
     main_process = common.start(args)
     say = print if main_process else lambda *args, **kwargs: None
     started = time.monotonic()
@@ -152,6 +155,7 @@ def main(
     train_examples = encode_pairs(splits.train, sp, config.max_len)
     valid = spread_subset(splits.valid, args.valid_sentences)
     valid_batches = token_batches(encode_pairs(valid, sp, config.max_len), 8192, shuffle=False)
+    limits.check_model_fits(build_model, config)
     torch.manual_seed(args.seed)
     model = build_model(config)
     net = dist.wrap(model)  # DDP under torchrun: the forward that averages the gradients
