@@ -98,14 +98,15 @@ def _timer(run: Callable[[Tensor], Tensor], x: Tensor, mode: str) -> Callable[[]
 def measure(
     runs: dict[str, Callable[[Tensor], Tensor]], n: int, mode: str, seconds: float
 ) -> dict[str, tuple[float, float]]:
-    """Each contender's (paired ratio to the first, the first's median seconds) at N = n."""
+    """Each contender's (paired ratio to the first, the first's median seconds) at N = n,
+    from as many rounds (at least three) as ``seconds`` allow, warm-up included."""
+    deadline = time.monotonic() + seconds
     x = torch.randn(BATCH, n, D_MODEL, requires_grad=mode == "training")
     timers = {name: _timer(run, x, mode) for name, run in runs.items()}
     for timer in timers.values():
         timer()  # warm-up
     names = list(timers)
     times: dict[str, list[float]] = {name: [] for name in names}
-    deadline = time.monotonic() + seconds
     rounds = 0
     while rounds < MIN_ROUNDS or time.monotonic() < deadline:
         shift = rounds % len(names)
@@ -131,7 +132,7 @@ def run_quick(sizes: tuple[int, ...], seconds: float, threads: int) -> list[str]
     worst = max(float((out - outputs[0]).abs().max()) for out in outputs)
     if worst > 1e-4:
         raise RuntimeError(f"the contenders disagree by {worst:.1e}: the table would mislead")
-    share = seconds / (len(sizes) * len(MODES))
+    end, left = time.monotonic() + seconds, len(sizes) * len(MODES)
     base, *others = runs
     plural = "s" if threads != 1 else ""
     lines = [
@@ -144,6 +145,8 @@ def run_quick(sizes: tuple[int, ...], seconds: float, threads: int) -> list[str]
         for module in modules:
             module.train(mode == "training")  # dropout is 0: only the fast paths differ
         for n in sizes:
+            share = max(0.0, end - time.monotonic()) / left  # the warm-ups count too
+            left -= 1
             result = measure(runs, n, mode, share)
             cells = " ".join(f"{result[name][0]:>10.2f}" for name in others)
             lines.append(f"{mode:<10} {n:>6} {1e3 * result[base][1]:>13.2f} {cells}")
