@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import shutil
 import subprocess
 import sys
 
@@ -223,9 +224,11 @@ def test_translate_reports_undecodable_lines_and_translates_the_others():
     ]
 
 
-def test_translate_refuses_a_sentence_that_is_not_text(capsys):
-    assert cli.main(["translate", "caf\udce9"]) == 2
-    assert "not valid UTF-8" in capsys.readouterr().err
+@pytest.mark.parametrize("command", [["translate"], ["show", "translation"]])
+def test_a_sentence_that_is_not_text_is_refused(command, capsys):
+    assert cli.main([*command, "caf\udce9"]) == 2  # how Python passes the bytes caf\xe9
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "not valid UTF-8" in err[0]
 
 
 def test_bench_quick_prints_the_ratio_table(capsys):
@@ -252,3 +255,14 @@ def test_a_model_too_big_for_the_machine_is_refused_before_it_is_built(tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "parameters: training it needs about" in err[0]
     assert "more than this machine's" in err[0]
+
+
+def test_a_tokenizer_that_is_not_sentencepiece_is_one_line(tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(shipped_model("translate-en-fr"), model)
+    (model / "spm.model").write_text("not a model")
+    assert cli.main(["translate", "hi", "--model", str(model)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        f"multihead translate: error: {model / 'spm.model'} is not a sentencepiece model"
+    ]

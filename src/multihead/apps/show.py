@@ -66,6 +66,10 @@ def run_show(args: argparse.Namespace) -> int:
     if args.what == "translation":
         if not args.argument or not args.argument.strip():
             raise ValueError('give the sentence to translate: multihead show translation "..."')
+        try:
+            args.argument.encode("utf-8")  # bytes that were not UTF-8 come as lone surrogates
+        except UnicodeEncodeError:
+            raise ValueError("the sentence is not valid UTF-8 text") from None
         show_translation(args.argument, args)
     elif args.what == "image":
         if args.argument is None or not re.fullmatch(r"\d+", args.argument):

@@ -218,7 +218,10 @@ def load_tokenizer(model_path: str | os.PathLike[str] = SPM_MODEL) -> SentencePi
             f"{model_path} not found: create it with "
             "`python -m multihead.apps.translate.data build-vocab`"
         )
-    sp = spm.SentencePieceProcessor(model_file=str(model_path))
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(model_path))
+    except RuntimeError:  # sentencepiece's only word for a file it cannot parse
+        raise ValueError(f"{model_path} is not a sentencepiece model") from None
     ids = (sp.pad_id(), sp.bos_id(), sp.eos_id(), sp.unk_id())
     if ids != (PAD_ID, BOS_ID, EOS_ID, UNK_ID):
         raise ValueError(f"{model_path} has pad/bos/eos/unk ids {ids}, expected (0, 1, 2, 3)")

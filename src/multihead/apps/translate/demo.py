@@ -41,6 +41,11 @@ def load(model_dir: Path = MODEL_DIR):
     model = Seq2SeqTransformer.from_pretrained(model_dir)
     tokenizer = model_dir / "spm.model"
     sp = load_tokenizer(tokenizer) if tokenizer.is_file() else load_tokenizer()
+    if sp.get_piece_size() != model.config.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {sp.get_piece_size()} pieces but the model in {model_dir}/ has "
+            f"a vocabulary of {model.config.vocab_size}: put its own spm.model beside it"
+        )
     return model, sp
 
 
