@@ -130,6 +130,97 @@ def test_augmentations() -> None:
     assert masked[1].eq(0).all(-1).sum() <= 0.15 * 50  # time masks respect the budget
 
 
+def _peak_hz(wave: np.ndarray, rate: int = 8000) -> float:
+    spectrum = np.abs(np.fft.rfft(wave * np.hanning(len(wave)), n=1 << 16))
+    return float(np.argmax(spectrum)) * rate / (1 << 16)
+
+
+@pytest.mark.parametrize("factor", [0.85, 0.9, 1.1, 1.2])
+def test_speed_perturbation_moves_a_sine_by_the_factor(factor: float) -> None:
+    wave = np.sin(2 * np.pi * 500 * np.arange(8000) / 8000).astype(np.float32)
+    faster = augment.speed_perturb(wave, factor)
+    assert _peak_hz(faster) == pytest.approx(500 * factor, rel=0.01)
+    assert len(faster) == pytest.approx(8000 / factor, rel=0.01)
+
+
+@pytest.mark.parametrize("alpha", [0.85, 0.9, 1.1, 1.15])
+def test_vtlp_moves_the_filters_below_the_knee_by_alpha(alpha: float) -> None:
+    # Warped filters read the spectrum at alpha times each centre: a tone at f excites the
+    # filter that was centred at f / alpha.
+    hz = torch.tensor([200.0, 500.0, 1000.0, 2000.0], dtype=torch.float64)
+    warped = features.vtlp_warp(hz, alpha, 4000.0)
+    torch.testing.assert_close(warped, hz * alpha)
+    edges = torch.tensor([0.0, 4000.0], dtype=torch.float64)
+    torch.testing.assert_close(features.vtlp_warp(edges, alpha, 4000.0), edges)  # ends fixed
+    plain = features.mel_filterbank(8193, 8000, 40, 20.0, 4000.0)
+    bank = features.mel_filterbank(8193, 8000, 40, 20.0, 4000.0, warp=alpha)
+    hz_per_bin = 4000 / 8192
+    low = slice(2, 20)  # centres well below the knee (0.8 * Nyquist * min(alpha, 1) / alpha)
+    ratio = bank.argmax(1)[low].double() / plain.argmax(1)[low].double()
+    assert torch.allclose(ratio, torch.full_like(ratio, alpha), atol=3 * hz_per_bin / 100)
+
+
+def test_speech_flags_set_the_augmentation() -> None:
+    from multihead.apps.speech import train
+
+    def config(*flags: str) -> augment.AugmentConfig:
+        return train.augment_config(train.build_parser().parse_args(list(flags)))
+
+    assert config() == augment.AugmentConfig(prob=0.5)  # the defaults are the recipe's
+    custom = config(
+        "--speed-range", "0.8", "1.25", "--vtlp-range", "0.9", "1.2", "--freq-masks", "3",
+        "--freq-width", "10", "--time-masks", "4", "--time-width", "12", "--time-ratio", "0.3",
+        "--aug-prob", "0.8",
+    )  # fmt: skip
+    assert custom == augment.AugmentConfig(
+        speed=(0.8, 1.25), vtlp=(0.9, 1.2), freq_masks=3, freq_width=10, time_masks=4,
+        time_width=12, time_ratio=0.3, prob=0.8,
+    )  # fmt: skip
+    off = config("--no-speed", "--no-vtlp", "--no-specaug")
+    assert off.speed is None and off.vtlp is None and not off.spec_augment
+    with pytest.raises(ValueError, match="speed"):
+        config("--speed-range", "1.2", "0.8")
+
+
+def test_spec_augment_strength() -> None:
+    feats = torch.ones(1, 200, 40)
+    strong = augment.AugmentConfig(freq_masks=4, freq_width=10, time_masks=6, time_width=20,
+                                   time_ratio=0.4)  # fmt: skip
+    masked_bins, masked_frames = [], []
+    for seed in range(20):
+        generator = torch.Generator().manual_seed(seed)
+        out = augment.spec_augment(feats, torch.tensor([200]), strong, generator)
+        masked_bins.append(int(out[0].eq(0).all(0).sum()))
+        masked_frames.append(int(out[0].eq(0).all(1).sum()))
+    assert max(masked_bins) <= 4 * 10 and max(masked_frames) <= 0.4 * 200
+    assert max(masked_frames) > 0.15 * 200  # more than the default budget allows
+
+
+def test_leave_one_speaker_out_summary(tmp_path: Path) -> None:
+    import json
+
+    from multihead.apps.speech import loso
+
+    def write(folder: Path, speaker: str, test: float, unseen: float) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        results = {"steps": 100, "train_seconds": 60.0, "test_wer_greedy": test,
+                   "unseen_wer_greedy": unseen, "args": {"unseen_speaker": speaker}}  # fmt: skip
+        (folder / "results.json").write_text(json.dumps(results))
+
+    write(tmp_path, "lucas", 2.0, 10.0)
+    write(tmp_path / "loso" / "george", "george", 3.0, 4.0)
+    write(tmp_path / "loso" / "jackson", "jackson", 1.0, 7.0)
+    runs = loso.gather(tmp_path)
+    assert list(runs) == ["lucas", "george", "jackson"]
+    both = loso.summary(runs)
+    assert both["mean"] == {"test_wer_greedy": 2.0, "unseen_wer_greedy": 7.0}
+    assert both["worst"] == {"test_wer_greedy": 3.0, "unseen_wer_greedy": 10.0}
+    assert "| **worst** | | | 3.00 % | 10.00 % |" in loso.table(runs)
+    write(tmp_path / "loso" / "again", "lucas", 2.0, 10.0)
+    with pytest.raises(ValueError, match="lucas"):
+        loso.gather(tmp_path)
+
+
 def test_espeak_missing_gives_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(espeak.shutil, "which", lambda name: None)
     assert not espeak.available()

@@ -54,7 +54,7 @@ from .evaluate import EVAL_SEEDS, feature_config_of, pad_waves, score, transcrib
 from .evaluate import word_error_rate as wer
 from .features import FeatureConfig, log_mel
 
-__all__ = ["SpeechBatch", "build_parser", "main", "make_batch", "shard"]
+__all__ = ["SpeechBatch", "augment_config", "build_parser", "main", "make_batch", "shard"]
 
 
 @dataclass
@@ -256,6 +256,15 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     arg("--no-speed", action="store_true", help="no speed perturbation")
     arg("--no-vtlp", action="store_true", help="no vocal tract length perturbation")
     arg("--no-specaug", action="store_true", help="no SpecAugment masks")
+    arg("--speed-range", type=float, nargs=2, default=(0.85, 1.15), metavar=("LO", "HI"),
+        help="speed perturbation factors, drawn uniformly")  # fmt: skip
+    arg("--vtlp-range", type=float, nargs=2, default=(0.85, 1.15), metavar=("LO", "HI"),
+        help="VTLP warp factors, drawn uniformly")  # fmt: skip
+    arg("--freq-masks", type=int, default=2, help="SpecAugment mel-band masks per utterance")
+    arg("--freq-width", type=int, default=8, help="widest mel-band mask (bins)")
+    arg("--time-masks", type=int, default=2, help="SpecAugment time masks per utterance")
+    arg("--time-width", type=int, default=8, help="widest time mask (frames)")
+    arg("--time-ratio", type=float, default=0.15, help="most of an utterance time masks cover")
     arg("--margin-prob", type=float, default=0.5, help="chance a clip gets noisy margins")
     arg("--aug-prob", type=float, default=0.5, help="chance each augmentation hits an utterance")
     arg("--aug-ramp", type=int, default=500, help="updates over which aug-prob rises from 0")
@@ -266,6 +275,21 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     arg("--eval-size", type=EVAL_SIZE, default=300, help="utterances per final evaluation set")
     arg("--beam", type=limits.BEAM, default=8)
     return p
+
+
+def augment_config(args: argparse.Namespace) -> AugmentConfig:
+    """The training augmentation the flags ask for."""
+    return AugmentConfig(
+        speed=None if args.no_speed else tuple(args.speed_range),
+        vtlp=None if args.no_vtlp else tuple(args.vtlp_range),
+        spec_augment=not args.no_specaug,
+        freq_masks=args.freq_masks,
+        freq_width=args.freq_width,
+        time_masks=args.time_masks,
+        time_width=args.time_width,
+        time_ratio=args.time_ratio,
+        prob=args.aug_prob,
+    )
 
 
 def main(
@@ -289,12 +313,7 @@ def main(
         conv_channels=args.conv_channels,
     )
     features = feature_config_of(model_config)
-    augment = AugmentConfig(
-        speed=None if args.no_speed else (0.85, 1.15),
-        vtlp=None if args.no_vtlp else (0.85, 1.15),
-        spec_augment=not args.no_specaug,
-        prob=args.aug_prob,
-    )
+    augment = augment_config(args)
 
     parts = split(load_clips(), args.unseen_speaker)
     synthetic: list[Clip] = []
