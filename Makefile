@@ -154,6 +154,10 @@ gpu-check:
 	    "or name one with GPU_PY=/path/to/python" >&2; exit 1; }; \
 	status=0; \
 	PYTHONPATH=src $$py -m pytest gpu_tests -o addopts= -q -rs -p no:cacheprovider || status=1; \
+	if $$py -c "import hypothesis" >/dev/null 2>&1; then \
+	  PYTHONPATH=src $$py -m pytest tests/test_flex.py tests/test_compile.py -k cuda \
+	    -o addopts= -q -rs -p no:cacheprovider || status=1; \
+	else echo "gpu-check: hypothesis is missing, so the CUDA cases of tests/ did not run"; fi; \
 	PYTHONPATH=src $$py benchmarks/bench_gpu.py || status=1; \
 	if [ $$status -ne 0 ]; then echo "gpu-check: FAILED (see above)" >&2; fi; \
 	exit $$status
