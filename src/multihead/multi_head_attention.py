@@ -72,15 +72,15 @@ def refuse_beyond_self_attention(
             raise ValueError(f"{name} cannot be used with {what}")
 
 
-def check_like_weights(name: str, x: Tensor, weight: Tensor) -> None:
-    """``x`` must be floating point with the dtype and device of the layer's ``weight``
+def check_like_weights(name: str, x: Tensor, weight: Tensor, owner: str = "layer") -> None:
+    """``x`` must be floating point with the dtype and device of the ``owner``'s ``weight``
     (no silent casts)."""
     if not x.dtype.is_floating_point:
         raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
     if x.dtype != weight.dtype:
-        raise TypeError(f"{name} has dtype {x.dtype} but the layer's weights are {weight.dtype}")
+        raise TypeError(f"{name} has dtype {x.dtype} but the {owner}'s weights are {weight.dtype}")
     if x.device != weight.device:
-        raise ValueError(f"{name} is on {x.device} but the layer is on {weight.device}")
+        raise ValueError(f"{name} is on {x.device} but the {owner} is on {weight.device}")
 
 
 class MultiHeadAttention(nn.Module):

@@ -25,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ..multi_head_attention import check_like_weights
 from ..safe_files import Header, check_against, read_header
 
 __all__ = [
@@ -96,12 +97,7 @@ def check_token_ids(
 
 def check_input(name: str, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """A float input must have the dtype and device of the model's ``weight`` (no silent casts)."""
-    if not x.dtype.is_floating_point:
-        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
-    if x.dtype != weight.dtype:
-        raise TypeError(f"{name} has dtype {x.dtype} but the model's weights are {weight.dtype}")
-    if x.device != weight.device:
-        raise ValueError(f"{name} is on {x.device} but the model is on {weight.device}")
+    check_like_weights(name, x, weight, owner="model")
     return x
 
 
