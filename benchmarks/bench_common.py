@@ -6,6 +6,7 @@ Imported by name (``from bench_common import ...``): a script run as
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -13,7 +14,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["cpu_model", "interleave", "load_average", "paired_ratio", "proc_status", "timed"]
+__all__ = [
+    "cpu_model",
+    "interleave",
+    "load_average",
+    "paired_ratio",
+    "proc_status",
+    "timed",
+    "write_report",
+]
 
 
 def cpu_model() -> str:
@@ -76,3 +85,11 @@ def paired_ratio(times: list[tuple[int, float]], base: list[tuple[int, float]]) 
         nearest = min(base, key=lambda item: abs(item[0] - index))
         ratios.append(elapsed / nearest[1])
     return statistics.median(ratios)
+
+
+def write_report(report: dict, out: Path, plot: Callable[[dict, Path], None]) -> None:
+    """``report`` as JSON at ``out`` and its plot beside it (same name, .png)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_common import cpu_model, interleave, load_average, paired_ratio, timed
+from bench_common import cpu_model, interleave, load_average, paired_ratio, timed, write_report
 from torch import nn
 
 import multihead
@@ -183,10 +183,7 @@ def main() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     torch.set_num_threads(args.threads)
     report = run(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    plot(report, args.out.with_suffix(".png"))
-    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    write_report(report, args.out, plot)
 
 
 if __name__ == "__main__":

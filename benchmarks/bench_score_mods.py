@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_common import cpu_model, load_average, proc_status
+from bench_common import cpu_model, load_average, proc_status, write_report
 
 import multihead
 from multihead import score_mods
@@ -133,11 +133,8 @@ def main() -> None:
         "score_mod_over_dense": {n: peak("score_mod", n) / peak("dense_bias", n) for n in sizes},
         "max_abs_difference": agreement(sizes[0]),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    plot(report, args.out.with_suffix(".png"))
     print(json.dumps(report["score_mod_over_dense"]))
-    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    write_report(report, args.out, plot)
 
 
 if __name__ == "__main__":
