@@ -109,9 +109,10 @@ def _long_or_costly(request: Request) -> bool:
     whose score matrix is large (the thresholds are the tiled kernel's)."""
     from . import tiled
 
-    batch, heads = request.query.shape[:2]
-    score_bytes = batch * heads * request.q_len * request.k_len * 4
-    if request.score_mod is not None and score_bytes > tiled.SCORE_MATRIX_BUDGET:
+    if (
+        request.score_mod is not None
+        and tiled.score_matrix_bytes(request) > tiled.SCORE_MATRIX_BUDGET
+    ):
         return True
     return request.structured is not None and request.k_len >= tiled.PREFER_MIN_KEYS
 

@@ -162,6 +162,12 @@ PREFER_MAX_VISITED = 0.75
 SCORE_MATRIX_BUDGET = 1 << 28
 
 
+def score_matrix_bytes(request: Request) -> int:
+    """The bytes of the request's fp32 score matrix, which the other kernels would build."""
+    batch, heads = request.query.shape[:2]
+    return batch * heads * request.q_len * request.k_len * 4
+
+
 def plan_for(request: Request) -> Plan:
     """The plan the kernel would run for ``request`` (its spans and work fraction)."""
     return Plan.build(request.q_len, request.k_len, request.structured, request.bias)
@@ -176,8 +182,7 @@ def preferred(request: Request) -> str | None:
         # steps, and SDPA with the dense mask was 50x faster for a window of 256 at N=4096;
         # FlexAttention takes structured masks and score mods there.
         return None
-    batch, heads = request.query.shape[:2]
-    score_bytes = batch * heads * request.q_len * request.k_len * 4
+    score_bytes = score_matrix_bytes(request)
     if request.score_mod is not None and score_bytes > SCORE_MATRIX_BUDGET:
         return f"the score mod would need a {score_bytes / 2**30:.1f} GiB score matrix"
     if request.is_causal or request.structured is None or request.k_len < PREFER_MIN_KEYS:
