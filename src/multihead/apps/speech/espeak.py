@@ -11,14 +11,18 @@ from __future__ import annotations
 import io
 import shutil
 import subprocess
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
 from .augment import resample
 from .data import SAMPLE_RATE, Clip
+
+S = TypeVar("S")
 
 __all__ = [
     "ACCENTS",
@@ -27,9 +31,11 @@ __all__ = [
     "EspeakUnavailable",
     "SyntheticSpeaker",
     "available",
+    "cached_clips",
     "speak",
     "synthetic_clips",
     "synthetic_speakers",
+    "trim",
 ]
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -89,8 +95,8 @@ def synthetic_speakers(count: int, seed: int = 0) -> list[SyntheticSpeaker]:
     return speakers
 
 
-def _trim(wave: np.ndarray, threshold: float = 0.02, margin: int = 160) -> np.ndarray:
-    """Cut espeak's leading and trailing silence, as FSDD's recordings are trimmed."""
+def trim(wave: np.ndarray, threshold: float = 0.02, margin: int = 160) -> np.ndarray:
+    """Cut a synthesiser's leading and trailing silence, as FSDD's recordings are trimmed."""
     loud = np.flatnonzero(np.abs(wave) > threshold * (np.abs(wave).max() + 1e-8))
     if loud.size == 0:
         return wave
@@ -109,7 +115,7 @@ def speak(text: str, accent: str, variant: str, pitch: int, rate: int) -> np.nda
     command = ["espeak-ng", "-v", f"{accent}+{variant}", "-p", str(pitch), "-s", str(rate)]
     result = subprocess.run([*command, "--stdout", text], capture_output=True, check=True)
     wave, rate_hz = soundfile.read(io.BytesIO(result.stdout), dtype="float32")
-    return _trim(resample(wave, rate_hz, SAMPLE_RATE))
+    return trim(resample(wave, rate_hz, SAMPLE_RATE))
 
 
 def _clips_of(speaker: SyntheticSpeaker) -> list[Clip]:
@@ -134,19 +140,26 @@ def synthetic_clips(
             "espeak-ng is not installed (Debian: apt-get install -y espeak-ng); "
             "train without --espeak or install it"
         )
-    speakers = synthetic_speakers(count, seed)
-    cache = None
-    if cache_dir is not None:
-        cache = Path(cache_dir) / f"espeak-{count}-{seed}.npz"
-        if cache.exists():
-            with np.load(cache) as stored:
-                meta = stored["meta"]
-                return [
-                    Clip(int(d), str(s), int(i), stored[f"w{n}"])
-                    for n, (d, s, i) in enumerate(meta)
-                ]
+    cache = None if cache_dir is None else Path(cache_dir) / f"espeak-{count}-{seed}.npz"
+    return cached_clips(cache, _clips_of, synthetic_speakers(count, seed), threads)
+
+
+def cached_clips(
+    cache: Path | None,
+    clips_of: Callable[[S], list[Clip]],
+    speakers: Sequence[S],
+    threads: int = 2,
+) -> list[Clip]:
+    """Every speaker's clips, read from the ``cache`` .npz when it exists, else synthesised
+    (``threads`` programs at a time) and written there."""
+    if cache is not None and cache.exists():
+        with np.load(cache) as stored:
+            meta = stored["meta"]
+            return [
+                Clip(int(d), str(s), int(i), stored[f"w{n}"]) for n, (d, s, i) in enumerate(meta)
+            ]
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        clips = [clip for group in pool.map(_clips_of, speakers) for clip in group]
+        clips = [clip for group in pool.map(clips_of, speakers) for clip in group]
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         meta = np.array([(c.digit, c.speaker, c.index) for c in clips], dtype=object)

@@ -3,8 +3,9 @@
     python -m multihead.apps.speech.train --minutes 20 --run-dir runs/speech
 
 Every training batch is made fresh: utterances of 1-7 training recordings (plus, with
-``--espeak N``, N synthetic espeak-ng speakers), some clips with noisy untrimmed-looking
-margins, then speed perturbation, log-mel with VTLP-warped filters, and SpecAugment. The
+``--espeak N`` and ``--flite N``, synthetic speakers of espeak-ng and flite), some clips with
+noisy untrimmed-looking margins, then speed perturbation, log-mel with VTLP-warped filters,
+and SpecAugment. The
 augmentations start off and ramp up over ``--aug-ramp`` updates: on clean data CTC leaves its
 all-blank plateau sooner. Over the last ``--average-fraction`` of the run the weights are
 averaged; the average replaces the final weights if it does no worse on fresh utterances
@@ -16,7 +17,7 @@ gets copies of them (``results.json``, ``train_log.jsonl``, ``curves.png``) besi
 
 Under ``torchrun --nproc-per-node N`` every process makes each whole global batch (so the
 augmentation draws are those of one process) and trains on its utterances of it; rank 0 alone
-fills the espeak cache, evaluates and writes the files.
+fills the synthetic speakers' cache, evaluates and writes the files.
 """
 
 from __future__ import annotations
@@ -269,8 +270,11 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     arg("--aug-prob", type=float, default=0.5, help="chance each augmentation hits an utterance")
     arg("--aug-ramp", type=int, default=500, help="updates over which aug-prob rises from 0")
     arg("--espeak", type=int, default=40, metavar="N", help="add N espeak-ng speakers (0: off)")
-    arg("--espeak-fraction", type=float, default=0.2, help="share of synthetic utterances")
-    arg("--espeak-cache", default="runs/espeak-cache", help="where generated audio is kept")
+    arg("--flite", type=int, default=0, metavar="N", help="add N flite speakers (0: off)")
+    arg("--synthetic-fraction", "--espeak-fraction", dest="synthetic_fraction", type=float,
+        default=0.2, help="share of utterances from the synthetic speakers")  # fmt: skip
+    arg("--synthetic-cache", "--espeak-cache", dest="synthetic_cache", default="runs/espeak-cache",
+        help="where the synthesised audio is kept")  # fmt: skip
     arg("--unseen-speaker", default=UNSEEN_SPEAKER)
     arg("--eval-size", type=EVAL_SIZE, default=300, help="utterances per final evaluation set")
     arg("--beam", type=limits.BEAM, default=8)
@@ -290,6 +294,40 @@ def augment_config(args: argparse.Namespace) -> AugmentConfig:
         time_ratio=args.time_ratio,
         prob=args.aug_prob,
     )
+
+
+def synthetic_speakers(args: argparse.Namespace, main_process: bool) -> list[Clip]:
+    """The clips of the ``--espeak`` and ``--flite`` speakers (none where the synthesiser is
+    missing, with a message). Rank 0 makes them and fills the cache; the others then read it."""
+    from . import espeak, flite
+
+    engines = [
+        (espeak, args.espeak, espeak.EspeakUnavailable),
+        (flite, args.flite, flite.FliteUnavailable),
+    ]
+
+    def make() -> list[Clip]:
+        clips: list[Clip] = []
+        for engine, count, unavailable in engines:
+            if not count:
+                continue
+            name = engine.__name__.rsplit(".", 1)[-1]
+            try:
+                tick = time.monotonic()
+                made = engine.synthetic_clips(count, args.seed, args.synthetic_cache)
+            except unavailable as error:
+                if main_process:
+                    print(f"skipping the {name} speakers: {error}")
+                continue
+            if main_process:
+                print(f"{name}: {count} synthetic speakers, {len(made)} clips "
+                      f"in {time.monotonic() - tick:.1f} s")  # fmt: skip
+            clips += made
+        return clips
+
+    clips = make() if main_process else []
+    dist.barrier()
+    return clips if main_process else make()
 
 
 def main(
@@ -316,27 +354,7 @@ def main(
     augment = augment_config(args)
 
     parts = split(load_clips(), args.unseen_speaker)
-    synthetic: list[Clip] = []
-    if args.espeak:
-        from .espeak import EspeakUnavailable, synthetic_clips
-
-        def speakers() -> list[Clip]:
-            try:
-                tick = time.monotonic()
-                clips = synthetic_clips(args.espeak, args.seed, args.espeak_cache)
-                if main_process:
-                    print(f"espeak-ng: {args.espeak} synthetic speakers, {len(clips)} clips "
-                          f"in {time.monotonic() - tick:.1f} s")  # fmt: skip
-                return clips
-            except EspeakUnavailable as error:
-                if main_process:
-                    print(f"skipping the synthetic speakers: {error}")
-                return []
-
-        # Rank 0 makes the clips and fills the cache; then the others read it.
-        synthetic = speakers() if main_process else []
-        dist.barrier()
-        synthetic = synthetic if main_process else speakers()
+    synthetic = synthetic_speakers(args, main_process)
 
     # Small fixed sets to draw the curves; the final numbers use the full sets below.
     monitor = {name: eval_set(parts[name], 100, seed) for name, seed in EVAL_SEEDS.items()}
@@ -367,7 +385,7 @@ def main(
         augment,
         args.batch_size,
         steps_per_epoch=512,
-        synthetic_fraction=args.espeak_fraction,
+        synthetic_fraction=args.synthetic_fraction,
         seed=args.seed,
         ramp_steps=args.aug_ramp,
         synth=SynthConfig(margin_prob=args.margin_prob),
@@ -408,7 +426,8 @@ def main(
         "parameters": sum(p.numel() for p in model.parameters()),
         "augment": asdict(augment),
         "margin_prob": args.margin_prob,
-        "espeak_speakers": len({c.speaker for c in synthetic}),
+        "espeak_speakers": len({c.speaker for c in synthetic if c.speaker.startswith("espeak")}),
+        "flite_speakers": len({c.speaker for c in synthetic if c.speaker.startswith("flite")}),
         "args": common.record(args),
     }
     common.write_results(args, metrics, run_dir / "model")
