@@ -270,9 +270,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     arg("--aug-prob", type=float, default=0.5, help="chance each augmentation hits an utterance")
     arg("--aug-ramp", type=int, default=500, help="updates over which aug-prob rises from 0")
     arg("--espeak", type=int, default=40, metavar="N", help="add N espeak-ng speakers (0: off)")
-    arg("--flite", type=int, default=0, metavar="N", help="add N flite speakers (0: off)")
+    arg("--flite", type=int, default=40, metavar="N", help="add N flite speakers (0: off)")
     arg("--synthetic-fraction", "--espeak-fraction", dest="synthetic_fraction", type=float,
-        default=0.2, help="share of utterances from the synthetic speakers")  # fmt: skip
+        default=0.3, help="share of utterances from the synthetic speakers")  # fmt: skip
     arg("--synthetic-cache", "--espeak-cache", dest="synthetic_cache", default="runs/espeak-cache",
         help="where the synthesised audio is kept")  # fmt: skip
     arg("--unseen-speaker", default=UNSEEN_SPEAKER)
