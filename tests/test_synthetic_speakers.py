@@ -134,3 +134,16 @@ def test_training_gathers_both_engines_and_skips_a_missing_one(
     assert "skipping the flite speakers: flite is not installed" in capsys.readouterr().out
     args.flite = 0  # off: not even tried
     assert len(speech_train.synthetic_speakers(args, main_process=True)) == 6
+
+
+@pytest.mark.parametrize("flag", ["--synthetic-fraction", "--espeak-fraction", "--aug-prob"])
+def test_shares_outside_zero_to_one_are_refused(
+    flag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    parser = speech_train.build_parser()
+    assert parser.parse_args([flag, "0.25"]).__dict__[
+        "synthetic_fraction" if "fraction" in flag else "aug_prob"
+    ] == pytest.approx(0.25)
+    with pytest.raises(SystemExit):
+        parser.parse_args([flag, "1.5"])
+    assert "must be in [0, 1], got 1.5" in capsys.readouterr().err

@@ -5,13 +5,12 @@
 Every training batch is made fresh: utterances of 1-7 training recordings (plus, with
 ``--espeak N`` and ``--flite N``, synthetic speakers of espeak-ng and flite), some clips with
 noisy untrimmed-looking margins, then speed perturbation, log-mel with VTLP-warped filters,
-and SpecAugment. The
-augmentations start off and ramp up over ``--aug-ramp`` updates: on clean data CTC leaves its
-all-blank plateau sooner. Over the last ``--average-fraction`` of the run the weights are
-averaged; the average replaces the final weights if it does no worse on fresh utterances
-made from the training recordings (the test sets play no part in the choice). At the end
-the model is saved (safetensors + JSON) to ``RUN/model`` and scored on the test recordings
-and the unseen speaker, greedy and beam; the numbers go to
+and SpecAugment. The augmentations start off and ramp up over ``--aug-ramp`` updates: on
+clean data CTC leaves its all-blank plateau sooner. Over the last ``--average-fraction`` of
+the run the weights are averaged; the average replaces the final weights if it does no worse
+on fresh utterances made from the training recordings (the test sets play no part in the
+choice). At the end the model is saved (safetensors + JSON) to ``RUN/model`` and scored on
+the test recordings and the unseen speaker, greedy and beam; the numbers go to
 ``RUN/metrics.json``, the curves to ``RUN/log.jsonl`` and ``RUN/curves.png``; ``RUN/model``
 gets copies of them (``results.json``, ``train_log.jsonl``, ``curves.png``) beside the weights.
 
@@ -244,6 +243,14 @@ DEFAULTS = Defaults(
 )
 
 
+def share(text: str) -> float:
+    """An argparse type: a probability in [0, 1]."""
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     """The shared training flags (`common`) and the speech app's own."""
     summary = (__doc__ or "").split("\n\n")[0]
@@ -266,12 +273,12 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     arg("--time-masks", type=int, default=2, help="SpecAugment time masks per utterance")
     arg("--time-width", type=int, default=8, help="widest time mask (frames)")
     arg("--time-ratio", type=float, default=0.15, help="most of an utterance time masks cover")
-    arg("--margin-prob", type=float, default=0.5, help="chance a clip gets noisy margins")
-    arg("--aug-prob", type=float, default=0.5, help="chance each augmentation hits an utterance")
+    arg("--margin-prob", type=share, default=0.5, help="chance a clip gets noisy margins")
+    arg("--aug-prob", type=share, default=0.5, help="chance each augmentation hits an utterance")
     arg("--aug-ramp", type=int, default=500, help="updates over which aug-prob rises from 0")
     arg("--espeak", type=int, default=40, metavar="N", help="add N espeak-ng speakers (0: off)")
     arg("--flite", type=int, default=40, metavar="N", help="add N flite speakers (0: off)")
-    arg("--synthetic-fraction", "--espeak-fraction", dest="synthetic_fraction", type=float,
+    arg("--synthetic-fraction", "--espeak-fraction", dest="synthetic_fraction", type=share,
         default=0.3, help="share of utterances from the synthetic speakers")  # fmt: skip
     arg("--synthetic-cache", "--espeak-cache", dest="synthetic_cache", default="runs/espeak-cache",
         help="where the synthesised audio is kept")  # fmt: skip
