@@ -29,6 +29,9 @@ SHIPPED = [
     "models/speech-digits/config.json",
     "models/speech-digits/model.safetensors",
     "models/speech-digits/results.json",
+    # the leave-one-speaker-out runs, for `python -m multihead.apps.speech.loso`
+    "models/speech-digits/loso/george/results.json",
+    "models/speech-digits/loso/jackson/results.json",
     "data/README.md",
     "data/tatoeba-eng-fra.tsv.gz",
     "data/translate/spm.model",
