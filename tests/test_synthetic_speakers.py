@@ -50,6 +50,9 @@ def test_flite_speakers_are_distinct_deterministic_and_in_range() -> None:
     assert len({s.name for s in speakers}) == 23
     with pytest.raises(ValueError, match="count"):
         flite.synthetic_speakers(-1)
+    assert len(set(flite.synthetic_speakers(flite.MAX_SPEAKERS))) == flite.MAX_SPEAKERS
+    with pytest.raises(ValueError, match=r"\[0, 200\]"):
+        flite.synthetic_speakers(flite.MAX_SPEAKERS + 1)
 
 
 def test_flite_missing_gives_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -147,3 +150,11 @@ def test_shares_outside_zero_to_one_are_refused(
     with pytest.raises(SystemExit):
         parser.parse_args([flag, "1.5"])
     assert "must be in [0, 1], got 1.5" in capsys.readouterr().err
+
+
+def test_the_flite_flag_is_bounded(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = speech_train.build_parser()
+    assert parser.parse_args(["--flite", "0"]).flite == 0
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--flite", str(flite.MAX_SPEAKERS + 1)])
+    assert "flite's voices would repeat" in capsys.readouterr().err

@@ -24,6 +24,7 @@ from .data import SAMPLE_RATE, Clip
 from .espeak import DIGIT_WORDS, cached_clips, trim
 
 __all__ = [
+    "MAX_SPEAKERS",
     "VOICES",
     "FliteSpeaker",
     "FliteUnavailable",
@@ -41,6 +42,11 @@ VOICES: dict[str, tuple[int, int] | None] = {
     "slt": (100, 210),
     "kal": (80, 150),
 }
+
+
+# rms varies only in its stretch (46 values of 0.01 in 0.80-1.25), and every fifth speaker is
+# rms: past this many the draws would repeat.
+MAX_SPEAKERS = 200
 
 
 class FliteUnavailable(RuntimeError):
@@ -72,8 +78,8 @@ def available() -> bool:
 
 def synthetic_speakers(count: int, seed: int = 0) -> list[FliteSpeaker]:
     """``count`` distinct speakers: voices in turn, random pitch and duration stretch."""
-    if count < 0:
-        raise ValueError(f"count must be >= 0, got {count}")
+    if not 0 <= count <= MAX_SPEAKERS:
+        raise ValueError(f"count must be in [0, {MAX_SPEAKERS}], got {count}")
     rng = np.random.default_rng(seed)
     voices = list(VOICES)
     speakers: list[FliteSpeaker] = []

@@ -38,6 +38,7 @@ from ...training import WeightAverage
 from ...training import distributed as dist
 from .. import common, limits
 from ..common import Defaults
+from . import flite
 from .augment import AugmentConfig, spec_augment, speed_perturb
 from .data import (
     UNSEEN_SPEAKER,
@@ -277,7 +278,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     arg("--aug-prob", type=share, default=0.5, help="chance each augmentation hits an utterance")
     arg("--aug-ramp", type=int, default=500, help="updates over which aug-prob rises from 0")
     arg("--espeak", type=int, default=40, metavar="N", help="add N espeak-ng speakers (0: off)")
-    arg("--flite", type=int, default=40, metavar="N", help="add N flite speakers (0: off)")
+    flite_count = limits.bounded_int(0, flite.MAX_SPEAKERS, "flite's voices would repeat")
+    arg("--flite", type=flite_count, default=40, metavar="N", help="add N flite speakers (0: off)")
     arg("--synthetic-fraction", "--espeak-fraction", dest="synthetic_fraction", type=share,
         default=0.3, help="share of utterances from the synthetic speakers")  # fmt: skip
     arg("--synthetic-cache", "--espeak-cache", dest="synthetic_cache", default="runs/espeak-cache",
@@ -306,7 +308,7 @@ def augment_config(args: argparse.Namespace) -> AugmentConfig:
 def synthetic_speakers(args: argparse.Namespace, main_process: bool) -> list[Clip]:
     """The clips of the ``--espeak`` and ``--flite`` speakers (none where the synthesiser is
     missing, with a message). Rank 0 makes them and fills the cache; the others then read it."""
-    from . import espeak, flite
+    from . import espeak
 
     engines = [
         (espeak, args.espeak, espeak.EspeakUnavailable),
