@@ -29,13 +29,16 @@ __all__ = [
     "DIGIT_WORDS",
     "VARIANTS",
     "EspeakUnavailable",
+    "SynthesiserUnavailable",
     "SyntheticSpeaker",
     "available",
     "cached_clips",
+    "digit_clips",
     "speak",
     "synthetic_clips",
     "synthetic_speakers",
     "trim",
+    "wave_of",
 ]
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -57,8 +60,19 @@ VARIANTS = (
 )  # fmt: skip
 
 
-class EspeakUnavailable(RuntimeError):
-    """espeak-ng is not installed; the synthetic speakers are optional."""
+class SynthesiserUnavailable(RuntimeError):
+    """A speech synthesiser is not installed; the synthetic speakers are optional."""
+
+
+class EspeakUnavailable(SynthesiserUnavailable):
+    """espeak-ng is not installed."""
+
+
+def _missing() -> EspeakUnavailable:
+    return EspeakUnavailable(
+        "espeak-ng is not installed (Debian: apt-get install -y espeak-ng); "
+        "train without --espeak or install it"
+    )
 
 
 @dataclass(frozen=True)
@@ -105,27 +119,37 @@ def trim(wave: np.ndarray, threshold: float = 0.02, margin: int = 160) -> np.nda
 
 def speak(text: str, accent: str, variant: str, pitch: int, rate: int) -> np.ndarray:
     """``text`` spoken by espeak-ng, as float32 samples at 8 kHz."""
-    import soundfile
-
     if not available():
-        raise EspeakUnavailable(
-            "espeak-ng is not installed (Debian: apt-get install -y espeak-ng); "
-            "train without --espeak or install it"
-        )
+        raise _missing()
     command = ["espeak-ng", "-v", f"{accent}+{variant}", "-p", str(pitch), "-s", str(rate)]
     result = subprocess.run([*command, "--stdout", text], capture_output=True, check=True)
-    wave, rate_hz = soundfile.read(io.BytesIO(result.stdout), dtype="float32")
+    return wave_of(result.stdout)
+
+
+def wave_of(wav: bytes) -> np.ndarray:
+    """A synthesiser's WAV output as float32 samples at 8 kHz, silence trimmed."""
+    import soundfile
+
+    wave, rate_hz = soundfile.read(io.BytesIO(wav), dtype="float32")
     return trim(resample(wave, rate_hz, SAMPLE_RATE))
 
 
-def _clips_of(speaker: SyntheticSpeaker) -> list[Clip]:
+def digit_clips(name: str, say: Callable[[str, float], np.ndarray]) -> list[Clip]:
+    """One synthetic speaker's clips: every digit word at two tempos, a take each;
+    ``say(word, factor)`` speaks at ``factor`` times the speaker's own duration."""
     clips = []
     for take, factor in enumerate((0.9, 1.1)):
         for digit, word in enumerate(DIGIT_WORDS):
-            rate = round(speaker.rate * factor)
-            wave = speak(word, speaker.accent, speaker.variant, speaker.pitch, rate)
-            clips.append(Clip(digit, speaker.name, take, wave))
+            clips.append(Clip(digit, name, take, say(word, factor)))
     return clips
+
+
+def _clips_of(speaker: SyntheticSpeaker) -> list[Clip]:
+    def say(word: str, factor: float) -> np.ndarray:
+        rate = round(speaker.rate * factor)
+        return speak(word, speaker.accent, speaker.variant, speaker.pitch, rate)
+
+    return digit_clips(speaker.name, say)
 
 
 def synthetic_clips(
@@ -136,10 +160,7 @@ def synthetic_clips(
     Raises `EspeakUnavailable` when espeak-ng is missing, so callers can skip with a message.
     """
     if not available():
-        raise EspeakUnavailable(
-            "espeak-ng is not installed (Debian: apt-get install -y espeak-ng); "
-            "train without --espeak or install it"
-        )
+        raise _missing()
     cache = None if cache_dir is None else Path(cache_dir) / f"espeak-{count}-{seed}.npz"
     return cached_clips(cache, _clips_of, synthetic_speakers(count, seed), threads)
 

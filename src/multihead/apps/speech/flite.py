@@ -11,7 +11,6 @@ digit word at two tempos. The audio is made offline by the locally installed pro
 
 from __future__ import annotations
 
-import io
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -19,9 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .augment import resample
-from .data import SAMPLE_RATE, Clip
-from .espeak import DIGIT_WORDS, cached_clips, trim
+from .data import Clip
+from .espeak import SynthesiserUnavailable, cached_clips, digit_clips, wave_of
 
 __all__ = [
     "MAX_SPEAKERS",
@@ -49,8 +47,8 @@ VOICES: dict[str, tuple[int, int] | None] = {
 MAX_SPEAKERS = 200
 
 
-class FliteUnavailable(RuntimeError):
-    """flite is not installed; the synthetic speakers are optional."""
+class FliteUnavailable(SynthesiserUnavailable):
+    """flite is not installed."""
 
 
 def _missing() -> FliteUnavailable:
@@ -95,8 +93,6 @@ def synthetic_speakers(count: int, seed: int = 0) -> list[FliteSpeaker]:
 
 def speak(text: str, voice: str, pitch: int | None = None, stretch: float = 1.0) -> np.ndarray:
     """``text`` spoken by flite's ``voice``, as float32 samples at 8 kHz."""
-    import soundfile
-
     if not available():
         raise _missing()
     command = ["flite", "-voice", voice, "--setf", f"duration_stretch={stretch}"]
@@ -105,17 +101,14 @@ def speak(text: str, voice: str, pitch: int | None = None, stretch: float = 1.0)
     result = subprocess.run([*command, "-t", text, "-o", "/dev/stdout"], capture_output=True)
     if result.returncode != 0 or not result.stdout:
         raise RuntimeError(f"flite failed: {result.stderr.decode(errors='replace').strip()}")
-    wave, rate_hz = soundfile.read(io.BytesIO(result.stdout), dtype="float32")
-    return trim(resample(wave, rate_hz, SAMPLE_RATE))
+    return wave_of(result.stdout)
 
 
 def _clips_of(speaker: FliteSpeaker) -> list[Clip]:
-    clips = []
-    for take, factor in enumerate((0.9, 1.1)):
-        for digit, word in enumerate(DIGIT_WORDS):
-            wave = speak(word, speaker.voice, speaker.pitch, round(speaker.stretch * factor, 3))
-            clips.append(Clip(digit, speaker.name, take, wave))
-    return clips
+    def say(word: str, factor: float) -> np.ndarray:
+        return speak(word, speaker.voice, speaker.pitch, round(speaker.stretch * factor, 3))
+
+    return digit_clips(speaker.name, say)
 
 
 def synthetic_clips(

@@ -38,7 +38,7 @@ from ...training import WeightAverage
 from ...training import distributed as dist
 from .. import common, limits
 from ..common import Defaults
-from . import flite
+from . import espeak, flite
 from .augment import AugmentConfig, spec_augment, speed_perturb
 from .data import (
     UNSEEN_SPEAKER,
@@ -308,23 +308,17 @@ def augment_config(args: argparse.Namespace) -> AugmentConfig:
 def synthetic_speakers(args: argparse.Namespace, main_process: bool) -> list[Clip]:
     """The clips of the ``--espeak`` and ``--flite`` speakers (none where the synthesiser is
     missing, with a message). Rank 0 makes them and fills the cache; the others then read it."""
-    from . import espeak
-
-    engines = [
-        (espeak, args.espeak, espeak.EspeakUnavailable),
-        (flite, args.flite, flite.FliteUnavailable),
-    ]
 
     def make() -> list[Clip]:
         clips: list[Clip] = []
-        for engine, count, unavailable in engines:
+        for engine, count in ((espeak, args.espeak), (flite, args.flite)):
             if not count:
                 continue
             name = engine.__name__.rsplit(".", 1)[-1]
             try:
                 tick = time.monotonic()
                 made = engine.synthetic_clips(count, args.seed, args.synthetic_cache)
-            except unavailable as error:
+            except espeak.SynthesiserUnavailable as error:
                 if main_process:
                     print(f"skipping the {name} speakers: {error}")
                 continue
