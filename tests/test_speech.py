@@ -182,6 +182,37 @@ def test_speech_flags_set_the_augmentation() -> None:
         config("--speed-range", "1.2", "0.8")
 
 
+def test_speed_has_its_own_probability_and_ramps_with_the_rest() -> None:
+    from multihead.apps.speech import train
+
+    parse = train.build_parser().parse_args
+    assert train.augment_config(parse([])).speed_chance == 0.5  # follows --aug-prob
+    config = train.augment_config(parse(["--speed-prob", "1", "--aug-prob", "0.4"]))
+    assert (config.speed_chance, config.prob) == (1.0, 0.4)
+    half = config.scaled(0.5)
+    assert (half.speed_chance, half.prob) == (0.5, 0.2)
+    with pytest.raises(SystemExit):
+        parse(["--speed-prob", "1.5"])
+    with pytest.raises(ValueError, match="speed_prob"):
+        augment.AugmentConfig(speed_prob=-0.1)
+
+
+@pytest.mark.parametrize(("prob", "speed_prob", "changed"), [(0.0, 1.0, 8), (1.0, 0.0, 0)])
+def test_speed_probability_decides_which_utterances_change_length(prob, speed_prob, changed):
+    from multihead.apps.speech import train
+    from multihead.apps.speech.data import Utterance
+
+    tone = np.sin(np.arange(4000) * 0.3).astype(np.float32)
+    utterances = [Utterance((1,), "x", tone) for _ in range(8)]
+    feature_config = features.FeatureConfig()
+    plain = train.make_batch(utterances, feature_config)
+    config = augment.AugmentConfig(
+        speed=(0.8, 0.8), vtlp=None, spec_augment=False, prob=prob, speed_prob=speed_prob
+    )
+    batch = train.make_batch(utterances, feature_config, config)
+    assert int((batch.frames != plain.frames).sum()) == changed
+
+
 def test_spec_augment_strength() -> None:
     feats = torch.ones(1, 200, 40)
     strong = augment.AugmentConfig(freq_masks=4, freq_width=10, time_masks=6, time_width=20,
@@ -326,6 +357,45 @@ def test_model_round_trip_and_bad_input(tmp_path) -> None:
         model(feats, torch.tensor([40, 3]))
     with pytest.raises(TypeError, match="feats"):
         model(feats.numpy())
+
+
+@pytest.mark.parametrize("positions", ["rope", "relative"])
+def test_relative_positions_can_replace_the_sinusoids(tmp_path: Path, positions: str) -> None:
+    import json
+
+    from multihead.apps.speech import train
+    from multihead.attention_config import AttentionConfig
+
+    torch.manual_seed(0)
+    config = SpeechEncoderConfig(n_mels=16, d_model=16, num_heads=2, num_layers=1,
+                                 dim_feedforward=32, conv_channels=4, dropout=0.0,
+                                 attention=AttentionConfig(positions=positions),
+                                 absolute_positions=False)  # fmt: skip
+    model = SpeechEncoder(config).eval()
+    feats = torch.randn(2, 40, 16)
+    # The oracle: the same weights with the sinusoid table zeroed add nothing.
+    twin = SpeechEncoder(SpeechEncoderConfig(**{**vars(config), "absolute_positions": True}))
+    twin.load_state_dict(model.state_dict())
+    twin.positions.pe.zero_()
+    torch.testing.assert_close(model(feats)[0], twin.eval()(feats)[0])
+    with_sinusoids = SpeechEncoder(twin.config).eval()
+    with_sinusoids.load_state_dict(model.state_dict())
+    assert not torch.allclose(with_sinusoids(feats)[0], model(feats)[0])
+    model.save_pretrained(tmp_path)
+    assert SpeechEncoder.from_pretrained(tmp_path).config == config
+    # Configs saved before the field existed had the sinusoids.
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["absolute_positions"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert SpeechEncoder.from_pretrained(tmp_path).config.absolute_positions
+    parse = train.build_parser().parse_args
+    built = train.build_model_config(parse(["--positions", positions]))
+    assert built.attention == AttentionConfig(positions=positions)
+    assert not built.absolute_positions
+    assert train.build_model_config(parse([])).absolute_positions  # the default keeps the sinusoids
+    assert train.build_model_config(parse([])).attention is None
+    with pytest.raises(TypeError, match="absolute_positions"):
+        SpeechEncoderConfig(absolute_positions=1)
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,7 @@
 
     log-mel (batch, frames, n_mels)
     → Conv2d 3×3 stride 2 → act → Conv2d 3×3 stride 2 → act   (frames / 4, mels / 4)
-    → Linear to d_model → + sinusoidal positions → dropout
+    → Linear to d_model → + sinusoidal positions (unless the attention brings its own) → dropout
     → multihead.transformer.Encoder (key padding mask: True = a real frame)
     → Linear to vocab_size → log_softmax                       (CTC over blank + labels)
 
@@ -52,6 +52,10 @@ class SpeechEncoderConfig:
     # Options of every attention layer (GQA, QK-norm, softcap, RoPE/ALiBi/relative positions);
     # None, as in configs saved before it existed, is plain attention.
     attention: AttentionConfig | None = None
+    # Add sinusoidal absolute positions to the input. With relative positions in the attention
+    # (RoPE, T5 buckets, ALiBi) they may be left out: a word then looks the same wherever it
+    # starts, and only distances between frames count. Saved configs without it had them.
+    absolute_positions: bool = True
 
     def __post_init__(self) -> None:
         for name in ("n_mels", "vocab_size", "d_model", "num_heads", "num_layers",
@@ -73,6 +77,8 @@ class SpeechEncoderConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.activation not in ("relu", "gelu"):
             raise ValueError(f"activation must be 'relu' or 'gelu', got {self.activation!r}")
+        if not isinstance(self.absolute_positions, bool):
+            raise TypeError(f"absolute_positions must be a bool, got {self.absolute_positions!r}")
         self.attention = model_attention(self.attention, self.num_heads)
 
 
@@ -156,7 +162,9 @@ class SpeechEncoder(PretrainedMixin, nn.Module):
         x = self.subsample(feats.unsqueeze(1))  # (batch, channels, frames/4, mels/4)
         x = self.input_proj(x.transpose(1, 2).flatten(2))  # (batch, frames/4, d_model)
         out_lengths = subsampled_length(lengths).clamp(max=x.shape[1])
-        x = self.dropout(self.positions(x))
+        if self.config.absolute_positions:
+            x = self.positions(x)
+        x = self.dropout(x)
         x = self.encoder(x, mask=padding(out_lengths.to(x.device), x.shape[1]))
         return F.log_softmax(self.head(x), dim=-1), out_lengths
 

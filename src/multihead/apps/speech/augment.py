@@ -8,7 +8,7 @@ masks. Cross-speaker generalisation is what these are for: the training set has 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -32,14 +32,29 @@ class AugmentConfig:
     # Each augmentation hits an utterance with this probability; training ramps it up from 0
     # (clean data first: CTC leaves its all-blank plateau sooner, then learns invariances).
     prob: float = 1.0
+    # Speed perturbation's own probability (None: ``prob``). Tempo is the invariance the model
+    # learns slowest, so it may be worth applying to every utterance.
+    speed_prob: float | None = None
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.prob <= 1.0:
-            raise ValueError(f"prob must be in [0, 1], got {self.prob}")
+        for name in ("prob", "speed_prob"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
         for name in ("speed", "vtlp"):
             span = getattr(self, name)
             if span is not None and not 0 < span[0] <= span[1]:
                 raise ValueError(f"{name} must be None or (lo, hi) with 0 < lo <= hi, got {span}")
+
+    def scaled(self, share: float) -> AugmentConfig:
+        """This config with every probability multiplied by ``share`` (the training ramp)."""
+        speed_prob = None if self.speed_prob is None else self.speed_prob * share
+        return replace(self, prob=self.prob * share, speed_prob=speed_prob)
+
+    @property
+    def speed_chance(self) -> float:
+        """The probability that an utterance's speed is perturbed."""
+        return self.prob if self.speed_prob is None else self.speed_prob
 
 
 def _fast_len(n: int) -> int:

@@ -27,12 +27,13 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from ...attention_config import AttentionConfig
 from ...models.speech import SpeechEncoder, SpeechEncoderConfig, ctc_loss
 from ...training import WeightAverage
 from ...training import distributed as dist
@@ -55,7 +56,15 @@ from .evaluate import EVAL_SEEDS, feature_config_of, pad_waves, score, transcrib
 from .evaluate import word_error_rate as wer
 from .features import FeatureConfig, log_mel
 
-__all__ = ["SpeechBatch", "augment_config", "build_parser", "main", "make_batch", "shard"]
+__all__ = [
+    "SpeechBatch",
+    "augment_config",
+    "build_model_config",
+    "build_parser",
+    "main",
+    "make_batch",
+    "shard",
+]
 
 
 @dataclass
@@ -79,7 +88,8 @@ def make_batch(
     waves = [u.wave for u in utterances]
     n = len(waves)
     if augment is not None and augment.speed is not None:
-        factors = np.where(rng.random(n) < augment.prob, rng.uniform(*augment.speed, n), 1.0)
+        hit = rng.random(n) < augment.speed_chance
+        factors = np.where(hit, rng.uniform(*augment.speed, n), 1.0)
         waves = [
             w if f == 1.0 else speed_perturb(w, f) for w, f in zip(waves, factors, strict=True)
         ]
@@ -180,7 +190,7 @@ class TrainingBatches:
         """The augmentation for update ``step``: its probability grows linearly over the ramp."""
         if self.augment is None or step >= self.ramp_steps:
             return self.augment
-        return replace(self.augment, prob=self.augment.prob * step / self.ramp_steps)
+        return self.augment.scaled(step / self.ramp_steps)
 
     def __call__(self, epoch: int) -> Iterator[SpeechBatch]:
         return prefetch(self._batches(epoch))
@@ -262,6 +272,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     arg("--layers", type=int, default=4)
     arg("--conv-channels", type=int, default=64)
     arg("--n-mels", type=int, default=40, choices=(40, 80))
+    arg("--positions", default="sinusoidal", choices=("sinusoidal", "rope", "relative", "alibi"),
+        help="absolute sinusoids added to the input, or relative positions in every "
+        "attention layer instead")  # fmt: skip
     arg("--no-speed", action="store_true", help="no speed perturbation")
     arg("--no-vtlp", action="store_true", help="no vocal tract length perturbation")
     arg("--no-specaug", action="store_true", help="no SpecAugment masks")
@@ -276,6 +289,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     arg("--time-ratio", type=float, default=0.15, help="most of an utterance time masks cover")
     arg("--margin-prob", type=share, default=0.5, help="chance a clip gets noisy margins")
     arg("--aug-prob", type=share, default=0.5, help="chance each augmentation hits an utterance")
+    arg("--speed-prob", type=share, default=None,
+        help="chance of speed perturbation (default: --aug-prob)")  # fmt: skip
     arg("--aug-ramp", type=int, default=500, help="updates over which aug-prob rises from 0")
     arg("--espeak", type=int, default=40, metavar="N", help="add N espeak-ng speakers (0: off)")
     flite_count = limits.bounded_int(0, flite.MAX_SPEAKERS, "flite's voices would repeat")
@@ -302,6 +317,24 @@ def augment_config(args: argparse.Namespace) -> AugmentConfig:
         time_width=args.time_width,
         time_ratio=args.time_ratio,
         prob=args.aug_prob,
+        speed_prob=args.speed_prob,
+    )
+
+
+def build_model_config(args: argparse.Namespace) -> SpeechEncoderConfig:
+    """The model the flags ask for. ``--positions`` other than sinusoidal puts relative
+    positions in every attention layer and leaves the input's sinusoids out."""
+    absolute = args.positions == "sinusoidal"
+    return SpeechEncoderConfig(
+        n_mels=args.n_mels,
+        d_model=args.d_model,
+        num_heads=args.heads,
+        num_layers=args.layers,
+        dim_feedforward=args.ff,
+        dropout=args.dropout,
+        conv_channels=args.conv_channels,
+        attention=None if absolute else AttentionConfig(positions=args.positions),
+        absolute_positions=absolute,
     )
 
 
@@ -344,15 +377,7 @@ def main(
     args = common.parse_args(build_parser(prog), argv, DEFAULTS)
     main_process = common.start(args)
     run_dir = args.run_dir
-    model_config = SpeechEncoderConfig(
-        n_mels=args.n_mels,
-        d_model=args.d_model,
-        num_heads=args.heads,
-        num_layers=args.layers,
-        dim_feedforward=args.ff,
-        dropout=args.dropout,
-        conv_channels=args.conv_channels,
-    )
+    model_config = build_model_config(args)
     features = feature_config_of(model_config)
     augment = augment_config(args)
 
