@@ -3,7 +3,8 @@
     log-mel (batch, frames, n_mels)
     → Conv2d 3×3 stride 2 → act → Conv2d 3×3 stride 2 → act   (frames / 4, mels / 4)
     → Linear to d_model → + sinusoidal positions (unless the attention brings its own) → dropout
-    → multihead.transformer.Encoder (key padding mask: True = a real frame)
+    → multihead.transformer.Encoder (key padding mask: True = a real frame), optionally
+      with a Conformer convolution module after each layer (``conv_kernel``)
     → Linear to vocab_size → log_softmax                       (CTC over blank + labels)
 
 The convolutions cut the sequence four-fold before attention (10 ms frames become 40 ms),
@@ -24,6 +25,7 @@ from ..masks import padding
 from ..positional import SinusoidalPositions
 from ..transformer import Encoder
 from .base import PretrainedMixin, check_input
+from .convolution_module import ConvolutionModule
 
 __all__ = ["SpeechEncoder", "SpeechEncoderConfig", "ctc_loss"]
 
@@ -56,6 +58,9 @@ class SpeechEncoderConfig:
     # (RoPE, T5 buckets, ALiBi) they may be left out: a word then looks the same wherever it
     # starts, and only distances between frames count. Saved configs without it had them.
     absolute_positions: bool = True
+    # A Conformer convolution module of this kernel (frames of 40 ms) after every encoder
+    # layer's feed-forward; 0, as in configs saved before it existed, is none.
+    conv_kernel: int = 0
 
     def __post_init__(self) -> None:
         for name in ("n_mels", "vocab_size", "d_model", "num_heads", "num_layers",
@@ -77,6 +82,14 @@ class SpeechEncoderConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.activation not in ("relu", "gelu"):
             raise ValueError(f"activation must be 'relu' or 'gelu', got {self.activation!r}")
+        kernel = self.conv_kernel
+        if (
+            isinstance(kernel, bool)
+            or not isinstance(kernel, int)
+            or kernel < 0
+            or (kernel and kernel % 2 == 0)
+        ):
+            raise ValueError(f"conv_kernel must be 0 or a positive odd int, got {kernel!r}")
         if not isinstance(self.absolute_positions, bool):
             raise TypeError(f"absolute_positions must be a bool, got {self.absolute_positions!r}")
         self.attention = model_attention(self.attention, self.num_heads)
@@ -133,7 +146,21 @@ class SpeechEncoder(PretrainedMixin, nn.Module):
             attention=c.attention,
             activation=c.activation,  # type: ignore[arg-type]
         )
+        self.convolutions = nn.ModuleList(
+            ConvolutionModule(c.d_model, c.conv_kernel, c.dropout)
+            for _ in range(c.num_layers if c.conv_kernel else 0)
+        )
         self.head = nn.Linear(c.d_model, c.vocab_size)
+
+    def _encode(self, x: Tensor, out_lengths: Tensor) -> Tensor:
+        """The encoder stack, with a convolution module after each layer when configured."""
+        mask = padding(out_lengths.to(x.device), x.shape[1])
+        if not self.convolutions:
+            return self.encoder(x, mask=mask)
+        real = torch.arange(x.shape[1], device=x.device) < out_lengths.to(x.device)[:, None]
+        for layer, convolution in zip(self.encoder.layers, self.convolutions, strict=True):
+            x = convolution(layer(x, mask=mask), real)
+        return x if self.encoder.norm is None else self.encoder.norm(x)
 
     def _check(self, feats: object, lengths: object) -> tuple[Tensor, Tensor]:
         if not isinstance(feats, Tensor):
@@ -165,7 +192,7 @@ class SpeechEncoder(PretrainedMixin, nn.Module):
         if self.config.absolute_positions:
             x = self.positions(x)
         x = self.dropout(x)
-        x = self.encoder(x, mask=padding(out_lengths.to(x.device), x.shape[1]))
+        x = self._encode(x, out_lengths)
         return F.log_softmax(self.head(x), dim=-1), out_lengths
 
     def ctc_loss(

@@ -275,6 +275,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     arg("--positions", default="sinusoidal", choices=("sinusoidal", "rope", "relative", "alibi"),
         help="absolute sinusoids added to the input, or relative positions in every "
         "attention layer instead")  # fmt: skip
+    arg("--conv-kernel", type=int, default=0, metavar="K",
+        help="a Conformer convolution module of kernel K after every layer (0: none)")  # fmt: skip
     arg("--no-speed", action="store_true", help="no speed perturbation")
     arg("--no-vtlp", action="store_true", help="no vocal tract length perturbation")
     arg("--no-specaug", action="store_true", help="no SpecAugment masks")
@@ -335,6 +337,7 @@ def build_model_config(args: argparse.Namespace) -> SpeechEncoderConfig:
         conv_channels=args.conv_channels,
         attention=None if absolute else AttentionConfig(positions=args.positions),
         absolute_positions=absolute,
+        conv_kernel=args.conv_kernel,
     )
 
 
