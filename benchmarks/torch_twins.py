@@ -216,5 +216,14 @@ def torch_vit(config: ViTConfig) -> ViT:
 
 
 def torch_speech_encoder(config: SpeechEncoderConfig) -> SpeechEncoder:
-    """`SpeechEncoder(config)` (same initial weights) whose encoder is torch's."""
+    """`SpeechEncoder(config)` (same initial weights) whose encoder is torch's.
+
+    torch's encoder layer has no relative positions (RoPE, T5 buckets, ALiBi) and no
+    convolution module, so the twin is of the sinusoidal, attention-only encoder.
+    """
+    if config.attention is not None or not config.absolute_positions or config.conv_kernel:
+        raise ValueError(
+            "torch.nn.TransformerEncoder has no relative positions or convolution modules: "
+            "the twin needs --positions sinusoidal --conv-kernel 0"
+        )
     return _with_torch_encoder(SpeechEncoder(config))  # type: ignore[return-value]

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from multihead.attention_config import AttentionConfig
 from multihead.masks import padding
 from multihead.models import Seq2SeqConfig, Seq2SeqTransformer
 from multihead.models.speech import SpeechEncoder, SpeechEncoderConfig
@@ -58,6 +59,18 @@ def test_speech_twin_masks_padding_as_ours_does() -> None:
     short = ours_len[-1]
     assert not torch.allclose(masked[-1, :short], unmasked[-1, :short], atol=1e-3)
     torch.testing.assert_close(masked[0], unmasked[0])  # the full-length row sees no padding
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"attention": AttentionConfig(positions="rope"), "absolute_positions": False},
+     {"conv_kernel": 5}],
+)  # fmt: skip
+def test_speech_twin_refuses_what_torch_lacks(options: dict[str, object]) -> None:
+    config = SpeechEncoderConfig(d_model=32, num_heads=4, num_layers=2, dim_feedforward=64,
+                                 **options)  # type: ignore[arg-type]  # fmt: skip
+    with pytest.raises(ValueError, match="--positions sinusoidal"):
+        torch_twins.torch_speech_encoder(config)
 
 
 @pytest.mark.parametrize("beam_size", [1, 3])

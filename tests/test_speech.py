@@ -166,7 +166,8 @@ def test_speech_flags_set_the_augmentation() -> None:
     def config(*flags: str) -> augment.AugmentConfig:
         return train.augment_config(train.build_parser().parse_args(list(flags)))
 
-    assert config() == augment.AugmentConfig(prob=0.5)  # the defaults are the recipe's
+    # The defaults are the recipe's: speed perturbation always, the rest half the time.
+    assert config() == augment.AugmentConfig(speed=(0.8, 1.25), prob=0.5, speed_prob=1.0)
     custom = config(
         "--speed-range", "0.8", "1.25", "--vtlp-range", "0.9", "1.2", "--freq-masks", "3",
         "--freq-width", "10", "--time-masks", "4", "--time-width", "12", "--time-ratio", "0.3",
@@ -174,7 +175,7 @@ def test_speech_flags_set_the_augmentation() -> None:
     )  # fmt: skip
     assert custom == augment.AugmentConfig(
         speed=(0.8, 1.25), vtlp=(0.9, 1.2), freq_masks=3, freq_width=10, time_masks=4,
-        time_width=12, time_ratio=0.3, prob=0.8,
+        time_width=12, time_ratio=0.3, prob=0.8, speed_prob=1.0,
     )  # fmt: skip
     off = config("--no-speed", "--no-vtlp", "--no-specaug")
     assert off.speed is None and off.vtlp is None and not off.spec_augment
@@ -186,9 +187,10 @@ def test_speed_has_its_own_probability_and_ramps_with_the_rest() -> None:
     from multihead.apps.speech import train
 
     parse = train.build_parser().parse_args
-    assert train.augment_config(parse([])).speed_chance == 0.5  # follows --aug-prob
+    assert augment.AugmentConfig(prob=0.3).speed_chance == 0.3  # None follows prob
     config = train.augment_config(parse(["--speed-prob", "1", "--aug-prob", "0.4"]))
     assert (config.speed_chance, config.prob) == (1.0, 0.4)
+    assert train.augment_config(parse([])).speed_chance == 1.0  # the recipe's
     half = config.scaled(0.5)
     assert (half.speed_chance, half.prob) == (0.5, 0.2)
     with pytest.raises(SystemExit):
@@ -392,8 +394,9 @@ def test_relative_positions_can_replace_the_sinusoids(tmp_path: Path, positions:
     built = train.build_model_config(parse(["--positions", positions]))
     assert built.attention == AttentionConfig(positions=positions)
     assert not built.absolute_positions
-    assert train.build_model_config(parse([])).absolute_positions  # the default keeps the sinusoids
-    assert train.build_model_config(parse([])).attention is None
+    plain = train.build_model_config(parse(["--positions", "sinusoidal"]))
+    assert plain.absolute_positions and plain.attention is None
+    assert train.build_model_config(parse([])).attention == AttentionConfig(positions="rope")
     with pytest.raises(TypeError, match="absolute_positions"):
         SpeechEncoderConfig(absolute_positions=1)
 

@@ -272,7 +272,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     arg("--layers", type=int, default=4)
     arg("--conv-channels", type=int, default=64)
     arg("--n-mels", type=int, default=40, choices=(40, 80))
-    arg("--positions", default="sinusoidal", choices=("sinusoidal", "rope", "relative", "alibi"),
+    arg("--positions", default="rope", choices=("sinusoidal", "rope", "relative", "alibi"),
         help="absolute sinusoids added to the input, or relative positions in every "
         "attention layer instead")  # fmt: skip
     arg("--conv-kernel", type=int, default=0, metavar="K",
@@ -280,7 +280,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     arg("--no-speed", action="store_true", help="no speed perturbation")
     arg("--no-vtlp", action="store_true", help="no vocal tract length perturbation")
     arg("--no-specaug", action="store_true", help="no SpecAugment masks")
-    arg("--speed-range", type=float, nargs=2, default=(0.85, 1.15), metavar=("LO", "HI"),
+    arg("--speed-range", type=float, nargs=2, default=(0.8, 1.25), metavar=("LO", "HI"),
         help="speed perturbation factors, drawn uniformly")  # fmt: skip
     arg("--vtlp-range", type=float, nargs=2, default=(0.85, 1.15), metavar=("LO", "HI"),
         help="VTLP warp factors, drawn uniformly")  # fmt: skip
@@ -291,8 +291,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     arg("--time-ratio", type=float, default=0.15, help="most of an utterance time masks cover")
     arg("--margin-prob", type=share, default=0.5, help="chance a clip gets noisy margins")
     arg("--aug-prob", type=share, default=0.5, help="chance each augmentation hits an utterance")
-    arg("--speed-prob", type=share, default=None,
-        help="chance of speed perturbation (default: --aug-prob)")  # fmt: skip
+    arg("--speed-prob", type=share, default=1.0,
+        help="chance of speed perturbation (the other augmentations: --aug-prob)")  # fmt: skip
     arg("--aug-ramp", type=int, default=500, help="updates over which aug-prob rises from 0")
     arg("--espeak", type=int, default=40, metavar="N", help="add N espeak-ng speakers (0: off)")
     flite_count = limits.bounded_int(0, flite.MAX_SPEAKERS, "flite's voices would repeat")
