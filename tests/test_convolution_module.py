@@ -9,8 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from multihead.models import SpeechEncoder, SpeechEncoderConfig
-from multihead.models.convolution_module import ConvolutionModule
+from multihead.models import ConvolutionModule, SpeechEncoder, SpeechEncoderConfig
 
 
 def _reference(module: ConvolutionModule, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
